@@ -1,0 +1,55 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# pip 26.3 refuses the pb1-detectron2 sdist (a URL dependency in its extras); 26.2.1 accepts it.
+PIP_VERSION := 26.2.1
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+
+.PHONY: help install java demo test test-fast bench graphs clean
+
+help:
+	@echo "make demo    synthetic data -> train -> evaluate -> predict -> serve (installs first)"
+	@echo "make test    the test suite (installs first)"
+	@echo "make bench   benchmarks (RLE -> COCO conversion, prediction, serving)"
+	@echo "make install only the virtual environment .venv"
+
+install: java $(STAMP)
+
+# TorchServe's frontend is Java: install a JRE when missing and we may (root), else say what to do.
+java:
+	@if java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "install: Java 17 missing, installing openjdk-17-jre-headless"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
+	else \
+		echo "install: TorchServe needs Java 17 or newer on the PATH: install openjdk-17-jre-headless" >&2; exit 1; \
+	fi
+
+$(STAMP): pyproject.toml severstal/detectron2_build.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q pip==$(PIP_VERSION)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q "$$($(PY) -m severstal.detectron2_build --python $(PY) --cache .cache/detectron2)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/severstal demo --out $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/severstal bench convert
+
+graphs: install
+	$(VENV)/bin/severstal plots --out graphs
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache $(DEMO_DIR)
