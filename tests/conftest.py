@@ -1,0 +1,41 @@
+"""Shared fixtures: the real Severstal sample, and small models to predict with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / "shared" / "data" / "severstal-real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real competition sample beside the checkout; skips only where it is absent outside CI."""
+    if not REAL_DATA.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"real data missing at {REAL_DATA}: CI must run the real-data tests")
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def scratch_run(tmp_path_factory) -> Path:
+    """A run folder (config.yaml + model_final.pth) of the ``small`` config with random weights.
+
+    Its score thresholds are low so that even random weights give defects to check answers against.
+    """
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from severstal.config import CONFIG_FILE, get_severstal_cfg
+
+    folder = tmp_path_factory.mktemp("scratch_run")
+    torch.manual_seed(0)
+    cfg = get_severstal_cfg("small", ["MODEL.DEVICE", "cpu", "SEVERSTAL.SCORE_THRESHOLDS", "[0.1, 0.1, 0.1, 0.1]"])
+    DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save("model_final")
+    (folder / CONFIG_FILE).write_text(cfg.dump())
+    return folder
