@@ -1,0 +1,286 @@
+"""The TorchServe handler without a server: a real ``ts.context.Context`` built by hand, as a worker builds it."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from severstal import serving
+from severstal.rle import rle_to_mask
+
+ANSWER_KEYS = {"height", "width", "defects", "classes"}
+DEFECT_KEYS = {"class_id", "score", "bbox", "area", "rle"}
+
+
+# Inputs ------------------------------------------------------------------------------------------------
+
+
+def patched_png(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width`` x ``height`` pixels (CRC fixed): a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8  # after the PNG signature: length (4), "IHDR" (4), width, height, ...
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    body = bytes(data[ihdr + 4 : ihdr + 4 + 4 + 13])
+    data[ihdr + 4 + 4 + 13 : ihdr + 4 + 4 + 13 + 4] = struct.pack(">I", zlib.crc32(body))
+    return bytes(data)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpegs(real_data) -> list[bytes]:
+    """Two real Severstal JPEGs (1600 x 256)."""
+    return [p.read_bytes() for p in sorted((real_data / "train_images").glob("*.jpg"))[:2]]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(jpegs) -> dict[str, tuple[dict, int, str]]:
+    """name -> (request dict as TorchServe hands it over, expected status, words of the message)."""
+    return {
+        "empty": ({"body": b""}, 400, "empty request body"),
+        "no field": ({"file": jpegs[0]}, 400, "multipart field 'data'"),
+        "text": ({"body": "hello, not an image"}, 415, "text"),
+        "json": ({"body": {"image": "x"}}, 415, "JSON"),
+        "not an image": ({"body": b"GIF89a-but-not-really" * 10}, 400, "not an image"),
+        "truncated jpeg": ({"body": jpegs[0][:4000]}, 400, "truncated"),
+        "bomb over MAX_PIXELS": ({"body": patched_png(8000, 8000)}, 400, "decompression bomb"),
+        "bomb over Pillow's limit": ({"data": bytearray(patched_png(20000, 20000))}, 400, "decompression bomb"),
+    }
+
+
+# A context as TorchServe's worker builds it -----------------------------------------------------------
+
+
+def make_context(model_dir: Path, batch_size: int = 4, handler_block: dict | None = None):
+    """``ts.context.Context`` for ``model_dir`` (weights + config.yaml), CPU (gpu_id None), no server."""
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    metrics = MetricsCacheYamlImpl(str(Path(importlib.util.find_spec("ts").origin).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "severstal"
+    manifest = {"model": {"modelName": "severstal", "serializedFile": "model_final.pth", "handler": "handler.py"}}
+    yaml_config = {"batchSize": batch_size, "handler": handler_block or {"max_detections": 20, "backend": "torch"}}
+    return Context("severstal", str(model_dir), manifest, batch_size, None, "0.12.0", True, metrics, yaml_config)
+
+
+def start_batch(context, requests: list[dict]) -> None:
+    """What ``ts.service.Service.predict`` does before calling the handler."""
+    from ts.context import RequestProcessor
+
+    ids = {i: f"request-{i}" for i in range(len(requests))}
+    context.request_ids = ids
+    context.metrics.request_ids = ids
+    context.request_processor = [RequestProcessor({}) for _ in requests]
+
+
+@pytest.fixture(scope="module")
+def handler(scratch_run):
+    """The project's handler class, loaded from torchserve/handler.py and initialised on the scratch run."""
+    spec = importlib.util.spec_from_file_location("severstal_ts_handler", serving.HANDLER_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    instance = module.SeverstalHandler()
+    instance.initialize(make_context(scratch_run))
+    return instance
+
+
+def handle(handler, context, requests: list[dict]) -> tuple[list[dict], list[int]]:
+    """Run a batch through ``handler.handle`` like a worker; return the answers and each HTTP status."""
+    start_batch(context, requests)
+    answers = handler.handle(requests, context)
+    statuses = [context.get_response_status(i)[0] or 200 for i in range(len(requests))]
+    json.dumps(answers)  # TorchServe serialises each answer with json.dumps
+    return answers, statuses
+
+
+def check_answer(answer: dict, height: int, width: int) -> None:
+    """The REST contract, and every RLE decoding to a mask inside its box."""
+    assert set(answer) == ANSWER_KEYS
+    assert (answer["height"], answer["width"]) == (height, width)
+    assert set(answer["classes"]) == {"1", "2", "3", "4"}
+    union = {c: np.zeros((height, width), bool) for c in answer["classes"]}
+    for defect in answer["defects"]:
+        assert set(defect) == DEFECT_KEYS
+        assert defect["class_id"] in (1, 2, 3, 4) and 0.0 <= defect["score"] <= 1.0
+        mask = rle_to_mask(defect["rle"], shape=(height, width)).astype(bool)
+        assert mask.sum() == defect["area"] > 0
+        x0, y0, x1, y1 = defect["bbox"]
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        rows, cols = np.nonzero(mask)
+        # Pixels belong to the box (pixel i covers [i, i + 1)); allow one pixel for the paste's rounding.
+        assert rows.min() >= np.floor(y0) - 1 and rows.max() <= np.ceil(y1) and cols.min() >= np.floor(x0) - 1
+        assert cols.max() <= np.ceil(x1)
+        union[str(defect["class_id"])] |= mask
+    for c, rle in answer["classes"].items():
+        np.testing.assert_array_equal(rle_to_mask(rle, shape=(height, width)).astype(bool), union[c])
+
+
+# Tests -------------------------------------------------------------------------------------------------
+
+
+def test_batch_of_two_real_images_gives_two_answers_in_the_contract(handler, scratch_run, jpegs):
+    context = make_context(scratch_run)
+    answers, statuses = handle(handler, context, [{"body": jpegs[0]}, {"data": bytearray(jpegs[1])}])
+    assert statuses == [200, 200]
+    assert len(answers) == 2
+    for answer in answers:
+        check_answer(answer, 256, 1600)
+    assert sum(len(a["defects"]) for a in answers) > 0, "the scratch model's low thresholds should give defects"
+    # The handler answers exactly what the package's predictor answers for the same images.
+    from severstal.images import decode_image
+
+    assert answers == handler.serving_model.predictor.predict([decode_image(j) for j in jpegs])
+    for i in range(2):
+        assert context.get_response_content_type(i) == "application/json"
+        assert context.get_response_headers(i)[serving.BATCH_HEADER] == "2"
+
+
+def test_bad_inputs_fail_alone_and_the_good_ones_in_the_batch_succeed(handler, scratch_run, jpegs, bad_inputs):
+    names = list(bad_inputs)
+    requests = [{"body": jpegs[0]}] + [bad_inputs[n][0] for n in names] + [{"data": jpegs[1]}]
+    answers, statuses = handle(handler, make_context(scratch_run), requests)
+    check_answer(answers[0], 256, 1600)
+    check_answer(answers[-1], 256, 1600)
+    assert statuses[0] == statuses[-1] == 200
+    for name, answer, status in zip(names, answers[1:-1], statuses[1:-1]):
+        expected_status, words = bad_inputs[name][1:]
+        assert status == expected_status, name
+        assert answer["code"] == expected_status and answer["type"] == "BadRequest", name
+        assert words in answer["message"], (name, answer["message"])
+
+
+def test_a_batch_of_only_bad_inputs_answers_without_predicting(handler, scratch_run, bad_inputs):
+    requests = [bad_inputs["empty"][0], bad_inputs["text"][0]]
+    answers, statuses = handle(handler, make_context(scratch_run), requests)
+    assert statuses == [400, 415]
+    assert [a["code"] for a in answers] == [400, 415]
+
+
+def test_images_of_other_sizes_are_answered_at_their_own_size(handler, scratch_run, jpegs):
+    real = Image.open(io.BytesIO(jpegs[0]))
+    grey_small = encode(real.convert("L").resize((800, 128)))
+    colour_square = encode(real.crop((0, 0, 256, 256)).resize((300, 300)), "JPEG")
+    answers, statuses = handle(handler, make_context(scratch_run), [{"body": grey_small}, {"body": colour_square}])
+    assert statuses == [200, 200]
+    check_answer(answers[0], 128, 800)
+    check_answer(answers[1], 300, 300)
+
+
+def test_the_handler_emits_its_inference_metrics(handler, scratch_run, jpegs, caplog):
+    context = make_context(scratch_run)
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        handle(handler, context, [{"body": jpegs[0]}, {"body": b""}, {"body": jpegs[1]}])
+    # The worker prints these lines; TorchServe's frontend turns them into Prometheus gauges.
+    lines = {r.getMessage().removeprefix("[METRICS]").split(".", 1)[0]: r.getMessage().removeprefix("[METRICS]")
+             for r in caplog.records}
+    assert f"{serving.BATCH_METRIC}.Count:3|#ModelName:severstal,Level:Model" in lines[serving.BATCH_METRIC]
+    timing = lines[serving.INFERENCE_METRIC]
+    assert timing.startswith(f"{serving.INFERENCE_METRIC}.Milliseconds:")
+    assert float(timing.split(":", 1)[1].split("|")[0]) > 0
+
+
+def test_the_handler_block_overrides_what_was_saved_with_the_weights(scratch_run, jpegs):
+    from severstal.images import decode_image
+
+    model = serving.ServingModel.load(scratch_run, handler_block={"score_thresholds": [1.0] * 4, "max_detections": 5})
+    assert model.device == "cpu"
+    assert list(model.predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS) == [1.0] * 4
+    assert model.predictor.cfg.TEST.DETECTIONS_PER_IMAGE == 5
+    [record] = model.predict([decode_image(jpegs[0])])
+    assert record["defects"] == [] and set(record["classes"].values()) == {""}
+
+
+@pytest.mark.parametrize("block, words", [
+    ({"thresholds": [0.5] * 4}, "unknown ['thresholds']; allowed"),
+    ({"backend": "tensorflow"}, "unknown backend 'tensorflow'; allowed: ['torch']"),
+    ({"score_thresholds": [0.5, 0.5]}, "score_thresholds needs 4 values"),
+    ({"min_areas": [0, 0, -1, 0]}, "min_areas needs 4 values >= 0"),
+    ({"max_detections": 0}, "max_detections must be a positive integer"),
+    ({"fp16": "yes"}, "fp16 must be true or false"),
+])
+def test_handler_settings_are_validated_early(block, words):
+    with pytest.raises(ValueError) as err:
+        serving.HandlerSettings.from_mapping(block)
+    assert words in str(err.value)
+
+
+def test_the_shipped_model_config_is_valid():
+    import yaml
+
+    config = yaml.safe_load(serving.MODEL_CONFIG_FILE.read_text())
+    settings = serving.HandlerSettings.from_mapping(config["handler"])
+    assert settings.backend == "torch" and settings.fp16 is False
+    # Served answers equal the bare model's: nothing overrides what was saved with the weights by default.
+    assert settings.score_thresholds is None and settings.min_areas is None and settings.max_detections is None
+    assert config["batchSize"] > 1 and config["maxBatchDelay"] > 0
+    assert config["minWorkers"] <= config["maxWorkers"] and config["responseTimeout"] > 0
+
+
+def test_device_follows_gpu_id_only_when_cuda_is_there(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving.select_device(None) == "cpu" and serving.select_device(0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serving.select_device(1) == "cuda:1" and serving.select_device(None) == "cpu"
+
+
+def test_shipped_server_properties_are_safe_defaults():
+    props = serving.read_properties(serving.PROPERTIES_FILE)
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:"), key
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false"
+    assert props["enable_model_api"] == "false"
+    assert props["metrics_mode"] == "prometheus"
+    assert "http" not in props["allowed_urls"]
+    assert int(props["max_request_size"]) >= 10 * 2**20 and int(props["max_response_size"]) >= 10 * 2**20
+
+
+def test_server_properties_bind_management_and_grpc_to_loopback_and_limit_urls_to_the_store(tmp_path):
+    import re
+
+    store = tmp_path / "model store"
+    props = serving.server_properties(store, "0.0.0.0", 9100, token_auth=True)
+    assert props["inference_address"] == "http://0.0.0.0:9100"
+    assert props["management_address"] == "http://127.0.0.1:9101"
+    assert props["metrics_address"] == "http://0.0.0.0:9102"
+    assert (props["grpc_inference_port"], props["grpc_management_port"], props["initial_worker_port"]) == (
+        "9103", "9104", "9105")
+    assert props["disable_token_authorization"] == "false"
+    # allowed_urls survives the properties file's escaping and matches only archives of the store.
+    path = tmp_path / "config.properties"
+    serving.write_properties(props, path)
+    allowed = re.compile(serving.read_properties(path)["allowed_urls"])
+    assert allowed.fullmatch(f"file://{store}/severstal.mar")
+    assert not allowed.fullmatch(f"file://{tmp_path}/other/severstal.mar")
+    assert not allowed.fullmatch("https://example.com/severstal.mar")
+
+
+def test_archive_refuses_bad_names_and_runs_without_config(tmp_path, scratch_run):
+    with pytest.raises(ValueError, match="model name"):
+        serving.archive(scratch_run, tmp_path, name="../evil")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_final.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        serving.archive(tmp_path / "run", tmp_path)
+
+
+def test_free_port_block_gives_consecutive_free_ports():
+    base = serving.free_port_block(6)
+    assert all(serving._port_free("127.0.0.1", p) for p in range(base, base + 6))

@@ -1,0 +1,155 @@
+"""End to end: archive the scratch model, serve it with a real TorchServe on loopback, call it, stop it.
+
+The server gets free ports and its own run folder (TMPDIR, LOG_LOCATION, METRICS_LOCATION, key file), so
+it runs beside any other TorchServe. Needs Java (CI has it); about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from severstal import serving
+from test_serving import check_answer, encode, patched_png
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_run(scratch_run, tmp_path_factory):
+    """The scratch run with at most 10 detections per image: small answers keep the test fast on a CPU."""
+    from severstal.config import CONFIG_FILE, get_severstal_cfg
+
+    folder = tmp_path_factory.mktemp("small_run")
+    cfg = get_severstal_cfg(scratch_run / CONFIG_FILE, ["TEST.DETECTIONS_PER_IMAGE", "10"])
+    (folder / CONFIG_FILE).write_text(cfg.dump())
+    (folder / "model_final.pth").symlink_to(scratch_run / "model_final.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_store(small_run, tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    mar = serving.archive(small_run, store, name="severstal", version="1.0")
+    assert mar == store / "severstal.mar" and mar.stat().st_size > 1_000_000
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory):
+    with serving.running_server(model_store, port=0, run_dir=tmp_path_factory.mktemp("torchserve_run"),
+                                startup_timeout=120) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def jpeg(real_data) -> bytes:
+    return sorted((real_data / "train_images").glob("*.jpg"))[0].read_bytes()
+
+
+def workers(server) -> set[int]:
+    return {p.pid for p in server.processes() if "model_service_worker" in " ".join(p.cmdline())}
+
+
+def test_the_server_listens_on_loopback_only_and_has_its_model(server):
+    assert server.models == ["severstal"]
+    assert not server.token_auth
+    listening = {c.laddr for p in server.processes() for c in p.net_connections("inet") if c.status == "LISTEN"}
+    for addr in listening:  # Java reports IPv4 as IPv6-mapped addresses
+        ip = ipaddress.ip_address(addr.ip)
+        assert (getattr(ip, "ipv4_mapped", None) or ip).is_loopback, addr
+    assert {server.port, server.port + 1, server.port + 2} <= {addr.port for addr in listening}
+    registering = requests.post(f"{server.management_url}/models", params={"url": "severstal.mar"})
+    assert registering.status_code == 405  # model API off
+
+
+def test_a_real_image_as_raw_body_and_as_multipart_data(server, jpeg):
+    raw = requests.post(server.predictions_url(), data=jpeg, timeout=60)
+    multipart = requests.post(server.predictions_url(), files={"data": ("image.jpg", jpeg, "image/jpeg")}, timeout=60)
+    for response in (raw, multipart):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        check_answer(response.json(), 256, 1600)
+    assert raw.json() == multipart.json()
+
+
+def test_bad_inputs_answer_4xx_and_the_worker_stays_up(server, jpeg):
+    before = workers(server)
+    url = server.predictions_url()
+    cases = {
+        "empty body": (dict(data=b""), 400),
+        "text": (dict(data="not an image", headers={"Content-Type": "text/plain"}), 415),
+        "JSON": (dict(json={"image": "x"}), 415),
+        "multipart without 'data'": (dict(files={"file": ("a.jpg", jpeg)}), 400),
+        "truncated JPEG": (dict(data=jpeg[:4000]), 400),
+        "decompression bomb (64 Mpx)": (dict(data=patched_png(8000, 8000)), 400),
+        "decompression bomb (400 Mpx)": (dict(data=patched_png(20000, 20000)), 400),
+    }
+    for name, (kwargs, status) in cases.items():
+        response = requests.post(url, timeout=60, **kwargs)
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert body["code"] == status and body["message"], name
+    too_large = requests.post(url, data=b"\0" * (20 * 2**20 + 1), timeout=60)
+    assert too_large.status_code == 413
+    good = requests.post(url, data=jpeg, timeout=60)
+    assert good.status_code == 200
+    check_answer(good.json(), 256, 1600)
+    assert workers(server) == before, "a bad request must not restart the worker"
+
+
+def test_an_image_of_another_size_is_answered_at_its_size(server, jpeg):
+    grey = encode(Image.open(io.BytesIO(jpeg)).convert("L").resize((800, 128)))
+    response = requests.post(server.predictions_url(), data=grey, timeout=60)
+    assert response.status_code == 200
+    check_answer(response.json(), 128, 800)
+
+
+def test_concurrent_requests_are_batched(server, jpeg):
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def post(_):
+        barrier.wait()
+        return requests.post(server.predictions_url(), data=jpeg, timeout=120)
+
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(post, range(n)))
+    assert [r.status_code for r in responses] == [200] * n
+    sizes = [int(r.headers[serving.BATCH_HEADER]) for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+def test_metrics_show_the_handler_metrics(server):
+    text = requests.get(server.metrics_url, timeout=10).text
+    for name in (serving.INFERENCE_METRIC, serving.BATCH_METRIC):
+        assert f'{name}{{ModelName="severstal"' in text, name
+    assert "ts_inference_requests_total" in text
+
+
+def test_bench_serve_against_the_server(server, real_data, small_run):
+    from severstal.bench import bench_serve
+
+    r = bench_serve(server.predictions_url(), real_data / "train_images", concurrency=2, requests=5,
+                    weights=small_run)
+    assert r["errors"] == 0 and r["requests"] == 5
+    assert [row["method"] for row in r["rows"]] == ["TorchServe", "bare Predictor.predict"]
+    for row in r["rows"]:
+        assert 0 < row["p50"] <= row["p95"] <= row["p99"] and row["images_per_s"] > 0
+    assert r["overhead"] > 0 and r["throughput_ratio"] > 0
+
+
+def test_stop_ends_every_process(server):
+    procs = server.processes()
+    assert len(procs) >= 3  # wrapper, Java frontend, a worker
+    server.stop()
+    assert server.process.returncode is not None
+    for proc in procs:
+        assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, proc
