@@ -35,7 +35,8 @@ def scratch_run(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("scratch_run")
     torch.manual_seed(0)
-    cfg = get_severstal_cfg("small", ["MODEL.DEVICE", "cpu", "SEVERSTAL.SCORE_THRESHOLDS", "[0.1, 0.1, 0.1, 0.1]"])
+    cfg = get_severstal_cfg("small", ["MODEL.DEVICE", "cpu", "SEVERSTAL.SCORE_THRESHOLDS", "[0.1, 0.1, 0.1, 0.1]",
+                                      "TEST.DETECTIONS_PER_IMAGE", "10"])
     DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save("model_final")
     (folder / CONFIG_FILE).write_text(cfg.dump())
     return folder

@@ -1,0 +1,109 @@
+"""Prediction: records in the REST contract, thresholds and areas, flips, submissions for every image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from severstal import CLASS_IDS
+from severstal.annotations import read_submission
+from severstal.predict import Detections, Predictor, RawOutput, _merge, _unflip, make_record, predict_folder
+from severstal.rle import rle_to_mask
+
+
+def _detections(specs, shape=(256, 1600)) -> Detections:
+    """specs: (class_id, score, (y0, y1, x0, x1)) rectangles."""
+    masks = np.zeros((len(specs), *shape), bool)
+    boxes = []
+    for i, (_, _, (y0, y1, x0, x1)) in enumerate(specs):
+        masks[i, y0:y1, x0:x1] = True
+        boxes.append([x0, y0, x1, y1])
+    return Detections(shape[0], shape[1], np.array(boxes, np.float32).reshape(-1, 4),
+                      np.array([s[1] for s in specs], np.float32), np.array([s[0] for s in specs], np.int64), masks)
+
+
+def test_record_unions_kept_instances_per_class():
+    det = _detections([(3, 0.9, (0, 10, 0, 10)), (3, 0.8, (20, 30, 100, 120)), (3, 0.2, (50, 60, 0, 10)),
+                       (1, 0.7, (5, 6, 5, 6))])
+    record = make_record(det, [0.5] * 4, [0] * 4)
+    assert (record["height"], record["width"]) == (256, 1600)
+    assert set(record["classes"]) == {"1", "2", "3", "4"}
+    mask3 = rle_to_mask(record["classes"]["3"])
+    assert mask3.sum() == 100 + 200  # the 0.2 instance is below the threshold
+    assert mask3[0:10, 0:10].all() and mask3[20:30, 100:120].all() and not mask3[50:60, 0:10].any()
+    assert record["classes"]["2"] == "" and record["classes"]["4"] == ""
+    assert [d["score"] for d in record["defects"]] == pytest.approx([0.9, 0.8, 0.7])
+    first = record["defects"][0]
+    assert first["class_id"] == 3 and first["area"] == 100 and first["bbox"] == [0.0, 0.0, 10.0, 10.0]
+    assert rle_to_mask(first["rle"]).sum() == 100
+
+
+def test_min_area_empties_small_class_masks_and_their_defects():
+    det = _detections([(1, 0.9, (0, 5, 0, 5)), (2, 0.9, (0, 50, 0, 50))])
+    record = make_record(det, [0.5] * 4, [30, 30, 0, 0])
+    assert record["classes"]["1"] == "" and record["classes"]["2"] != ""
+    assert [d["class_id"] for d in record["defects"]] == [2]
+
+
+def test_per_class_score_thresholds_apply_to_their_class_only():
+    det = _detections([(1, 0.6, (0, 5, 0, 5)), (4, 0.6, (0, 5, 10, 15))])
+    record = make_record(det, [0.5, 0.5, 0.5, 0.7], [0] * 4)
+    assert record["classes"]["1"] != "" and record["classes"]["4"] == ""
+
+
+def test_unflip_maps_boxes_and_masks_back():
+    masks = torch.zeros(1, 28, 28)
+    masks[0, :, :7] = 1  # left quarter of the box
+    raw = RawOutput(torch.tensor([[10.0, 20.0, 50.0, 40.0]]), torch.tensor([0.9]), torch.tensor([2]), masks)
+    back = _unflip(raw, (128, 100), "horizontal")
+    assert back.boxes.tolist() == [[50.0, 20.0, 90.0, 40.0]]
+    assert back.mask_probs[0, :, 21:].all() and not back.mask_probs[0, :, :21].any()
+    back = _unflip(raw, (128, 100), "vertical")
+    assert back.boxes.tolist() == [[10.0, 88.0, 50.0, 108.0]]
+
+
+def test_merge_of_two_views_averages_matches_and_halves_lone_detections():
+    a = RawOutput(torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.8, 0.6]),
+                  torch.tensor([0, 1]), torch.ones(2, 28, 28))
+    b = RawOutput(torch.tensor([[0.0, 0, 10, 11]]), torch.tensor([0.6]), torch.tensor([0]), torch.zeros(1, 28, 28))
+    merged = _merge(a, b, 0.5)
+    order = merged.scores.argsort(descending=True)
+    assert merged.scores[order].tolist() == pytest.approx([0.7, 0.3])
+    assert merged.mask_probs[order[0]].mean().item() == pytest.approx(0.5)
+    assert merged.classes[order].tolist() == [0, 1]
+
+
+def test_scratch_model_answers_in_the_contract(scratch_run, real_data):
+    predictor = Predictor.from_weights(scratch_run, device="cpu")
+    path = next((real_data / "train_images").glob("*.jpg"))
+    from severstal.images import read_image
+
+    image = read_image(path)
+    small = image[:128, :800].copy()
+    records = predictor.predict([image, small])
+    assert [(r["height"], r["width"]) for r in records] == [(256, 1600), (128, 800)]
+    for record in records:
+        for d in record["defects"]:
+            x0, y0, x1, y1 = d["bbox"]
+            mask = rle_to_mask(d["rle"], (record["height"], record["width"]))
+            ys, xs = np.nonzero(mask)
+            assert mask.sum() == d["area"] > 0 and d["class_id"] in CLASS_IDS and 0.1 <= d["score"] <= 1
+            assert xs.min() >= np.floor(x0) - 1 and xs.max() <= np.ceil(x1) and ys.min() >= np.floor(y0) - 1
+
+
+@pytest.mark.slow
+def test_every_real_image_goes_through_predict_into_a_valid_submission(scratch_run, real_data, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = [*(real_data / "train_images").glob("*.jpg"), *(real_data / "train_images_png").glob("*.png"),
+               *(real_data / "test_images").glob("*.jpg")]
+    for path in sources:
+        (folder / path.name).symlink_to(path)
+    out = tmp_path / "submission.csv"
+    summary = predict_folder(scratch_run, folder, out, fmt="old", batch_size=8)
+    assert summary["images"] == len(sources) == 118
+    parsed = read_submission(out)
+    assert parsed.image_ids == sorted(p.name for p in sources)
+    assert len(out.read_text().splitlines()) == 1 + 4 * 118
+    assert len(parsed.frame) == summary["masks"]
