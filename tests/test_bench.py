@@ -1,0 +1,72 @@
+"""severstal.bench: the convert benchmark on a few real masks (results, never timings) and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from severstal import bench
+from severstal.bench import bench_convert, decode_with_loop, format_table, pixel_instances
+from severstal.cli import main
+from severstal.instances import rle_to_instances
+from severstal.rle import rle_to_mask
+
+
+@pytest.fixture(scope="module")
+def real_csv(real_data):
+    return real_data / "train_partial_newformat.csv"
+
+
+def test_bench_convert_gives_identical_instances_and_positive_rates(real_csv):
+    result = bench_convert(real_csv, repeats=1, limit=40)
+    assert result["benchmark"] == "convert" and result["masks"] == 40
+    assert result["identical"] and result["mismatched_masks"] == 0
+    assert result["instances"] >= 40
+    assert [row["method"].split()[0] for row in result["rows"]] == ["runs", "pixels"]
+    assert all(row["seconds"] > 0 and row["masks_per_s"] > 0 for row in result["rows"])
+    assert result["speedup"] > 0 and result["read_seconds"] > 0
+
+
+def test_the_baseline_pipeline_agrees_with_the_package(real_csv):
+    frame = pd.read_csv(real_csv).iloc[:20]
+    for rle, class_id in zip(frame["EncodedPixels"], frame["ClassId"]):
+        assert np.array_equal(decode_with_loop(rle), rle_to_mask(rle))
+        pixel, runs = pixel_instances(rle, class_id), rle_to_instances(rle, class_id)
+        assert sorted(pixel, key=str) == sorted(runs, key=str)
+
+
+def test_format_table_aligns_text_left_and_numbers_right():
+    rows = [{"method": "runs", "seconds": 0.5, "n": 12000}, {"method": "pixels", "seconds": 10.25, "n": 400}]
+    assert format_table(rows, [("method", ""), ("seconds", ".2f"), ("n", ",d")]).splitlines() == [
+        "method  seconds       n",
+        "runs       0.50  12,000",
+        "pixels    10.25     400",
+    ]
+
+
+def test_cli_bench_convert_prints_a_table_and_the_ratio(real_csv, capsys):
+    assert main(["bench", "convert", "--csv", str(real_csv), "--limit", "15", "--repeats", "1", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("convert: 15 masks of")
+    assert out[1].split() == ["method", "seconds", "masks_per_s"]
+    assert any(line.startswith("speed-up: ") and line.endswith("identical instances: yes") for line in out)
+    assert json.loads(out[-1])["masks"] == 15
+
+
+def test_cli_bench_convert_without_real_data_asks_for_a_csv(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "REAL_TRAIN_CSV", tmp_path / "absent.csv")
+    assert main(["bench", "convert"]) == 2
+    assert "pass --csv TRAIN_CSV" in capsys.readouterr().err
+
+
+def test_cli_bench_lists_its_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "convert" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "nothing"])
+    assert "invalid choice: 'nothing'" in capsys.readouterr().err
+
