@@ -406,10 +406,6 @@ class Server:
         return f"{self.inference_url}/predictions/{model}"
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
     def java_pid(self) -> int | None:
         """The Java frontend's PID, from TorchServe's pid file in the server's TMPDIR."""
         pid_file = self.run_dir / "tmp" / ".model_server.pid"
@@ -529,6 +525,15 @@ def write_properties(props: Mapping[str, str], path: Path) -> None:
     path.write_text("".join(f"{k}={str(v).replace(chr(92), chr(92) * 2)}\n" for k, v in props.items()))
 
 
+def resolve_token_auth(host: str, token_auth: bool | None) -> bool:
+    """Whether a server on ``host`` requires token keys: as asked, else on unless ``host`` is loopback."""
+    if token_auth is None:
+        token_auth = host not in LOOPBACK_HOSTS
+    if not token_auth and host not in LOOPBACK_HOSTS:
+        log.warning("token authorization is off on %s: anyone who reaches it can call the server", host)
+    return token_auth
+
+
 @contextlib.contextmanager
 def running_server(model_store: str | Path, host: str = "127.0.0.1", port: int = 8080, workers: int | None = None,
                    run_dir: str | Path | None = None, token_auth: bool | None = None,
@@ -560,10 +565,7 @@ def running_server(model_store: str | Path, host: str = "127.0.0.1", port: int =
     torchserve = Path(sys.executable).with_name("torchserve")
     if not torchserve.is_file():
         raise FileNotFoundError(f"{torchserve} not found: install torchserve==0.12.0 in this environment")
-    if token_auth is None:
-        token_auth = host not in LOOPBACK_HOSTS
-    if not token_auth and host not in LOOPBACK_HOSTS:
-        log.warning("token authorization is off on %s: anyone who reaches it can call the server", host)
+    token_auth = resolve_token_auth(host, token_auth)
     port = port or free_port_block(6, "127.0.0.1" if host in ("0.0.0.0", "::") else host)
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="severstal-serve-"))
     run_dir = run_dir.resolve()
@@ -627,6 +629,31 @@ def _wait_ready(server: Server, timeout: float, workers: int | None) -> None:
         time.sleep(0.5)
 
 
+def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] | None = None,
+               timeout: float = 120.0) -> dict:
+    """POST one image to a predictions URL and return its answer (the REST contract's dict).
+
+    Args:
+        url: e.g. ``Server.predictions_url()``.
+        image: an image file or its bytes, sent as the raw body.
+        headers: e.g. ``Server.headers()`` when token authorization is on.
+
+    Raises:
+        RuntimeError: the server answered an error; the message is the server's.
+    """
+    import requests
+
+    body = image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+    response = requests.post(url, data=body, headers=dict(headers or {}), timeout=timeout)
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text or response.reason
+        raise RuntimeError(f"{url} answered {response.status_code}: {message}")
+    return response.json()
+
+
 def serve(model_store: str | Path, host: str = "127.0.0.1", port: int = 8080, workers: int | None = None,
           run_dir: str | Path | None = None, token_auth: bool | None = None,
           on_ready: Callable[[Server], None] | None = None) -> int:
@@ -640,6 +667,8 @@ def serve(model_store: str | Path, host: str = "127.0.0.1", port: int = 8080, wo
         0 after a requested stop; TorchServe's exit code if it ended by itself.
     """
     stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("serve() handles SIGTERM and must run in the main thread; use running_server() elsewhere")
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with running_server(model_store, host, port, workers, run_dir, token_auth) as server:

@@ -284,3 +284,17 @@ def test_archive_refuses_bad_names_and_runs_without_config(tmp_path, scratch_run
 def test_free_port_block_gives_consecutive_free_ports():
     base = serving.free_port_block(6)
     assert all(serving._port_free("127.0.0.1", p) for p in range(base, base + 6))
+
+
+def test_token_authorization_is_on_for_anything_reachable_from_outside(tmp_path):
+    assert serving.resolve_token_auth("0.0.0.0", None) is True
+    assert serving.resolve_token_auth("192.168.1.5", None) is True
+    assert serving.resolve_token_auth("127.0.0.1", None) is False
+    assert serving.resolve_token_auth("127.0.0.1", True) is True
+    keys = {"management": {"key": "m-key"}, "inference": {"key": "i-key"}, "API": {"key": "a-key"}}
+    (tmp_path / serving.KEY_FILE).write_text(json.dumps(keys))
+    server = serving.Server(process=None, run_dir=tmp_path, host="0.0.0.0", port=9100, token_auth=True)
+    assert server.headers() == {"Authorization": "Bearer i-key"}
+    assert server.headers("management") == {"Authorization": "Bearer m-key"}
+    assert server.predictions_url() == "http://127.0.0.1:9100/predictions/severstal"
+    assert server.management_url == "http://127.0.0.1:9101" and server.metrics_url == "http://127.0.0.1:9102/metrics"

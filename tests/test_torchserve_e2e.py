@@ -77,7 +77,12 @@ def test_a_real_image_as_raw_body_and_as_multipart_data(server, jpeg):
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/json"
         check_answer(response.json(), 256, 1600)
-    assert raw.json() == multipart.json()
+    assert raw.json() == multipart.json() == serving.post_image(server.predictions_url(), jpeg)
+
+
+def test_post_image_raises_the_servers_message(server):
+    with pytest.raises(RuntimeError, match="answered 400: empty request body"):
+        serving.post_image(server.predictions_url(), b"")
 
 
 def test_bad_inputs_answer_4xx_and_the_worker_stays_up(server, jpeg):
