@@ -139,6 +139,104 @@ def bench_convert(csv: str | Path, repeats: int = 3, limit: int | None = None) -
     }
 
 
+def _latency_row(method: str, seconds: Sequence[float], wall: float) -> dict:
+    """Latency percentiles (s) and throughput of one side of :func:`bench_serve`."""
+    values = np.asarray(seconds, dtype=float)
+    p50, p95, p99 = (float(np.percentile(values, q)) for q in (50, 95, 99)) if len(values) else (float("nan"),) * 3
+    return {"method": method, "p50": p50, "p95": p95, "p99": p99,
+            "mean": float(values.mean()) if len(values) else float("nan"), "images_per_s": len(values) / wall}
+
+
+def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests: int = 100,
+                weights: str | Path | None = None, headers: dict | None = None, timeout: float = 300.0) -> dict:
+    """Load a running TorchServe with real images, then time the bare model on the same images.
+
+    The server side posts ``requests`` images (cycling through the folder) from ``concurrency`` clients
+    after one untimed warm-up request; a request counts as an error unless it answers 200 with the REST
+    contract's keys. The bare side runs afterwards, with the server idle: ``decode_image`` +
+    ``Predictor.predict([image])`` one image at a time, the same work as the handler minus serving.
+    ``overhead`` (served p50 / bare p50) measures serving at ``concurrency`` 1; with more clients the
+    latency includes queueing and ``throughput_ratio`` (served images/s / bare images/s) is the number to read.
+
+    Args:
+        url: the predictions URL, e.g. ``http://127.0.0.1:8080/predictions/severstal``.
+        images_dir: folder of JPEG/PNG images.
+        concurrency: clients posting at the same time.
+        requests: timed requests in all.
+        weights: a weights file or run folder for the bare side; None skips it.
+        headers: extra request headers (``Authorization`` when token authorization is on).
+        timeout: seconds per request.
+
+    Returns:
+        ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "errors", "error_statuses",
+        "rows": [served row, bare row (with weights)], "overhead", "throughput_ratio"}``; a row is
+        ``{"method", "p50", "p95", "p99", "mean", "images_per_s"}`` (seconds, images per second).
+    """
+    import threading
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests as http
+
+    from severstal.annotations import list_images
+    from severstal.images import decode_image
+
+    paths = [Path(images_dir) / name for name in list_images(images_dir)[:requests]]
+    if not paths:
+        raise FileNotFoundError(f"no images in {images_dir}")
+    if concurrency < 1 or requests < 1:
+        raise ValueError(f"concurrency and requests must be >= 1, got {concurrency} and {requests}")
+    bodies = [p.read_bytes() for p in paths]
+    local = threading.local()
+
+    def post(index: int) -> tuple[float, str]:
+        session = getattr(local, "session", None) or http.Session()
+        local.session = session
+        start = time.perf_counter()
+        try:
+            response = session.post(url, data=bodies[index % len(bodies)], headers=headers, timeout=timeout)
+            ok = response.status_code == 200 and {"height", "width", "defects", "classes"} <= set(response.json())
+            status = "200" if ok else str(response.status_code)
+        except (http.RequestException, ValueError) as err:
+            status = type(err).__name__
+        return time.perf_counter() - start, status
+
+    post(0)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(post, range(requests)))
+    wall = time.perf_counter() - start
+    statuses = Counter(status for _, status in results)
+    served = _latency_row("TorchServe", [s for s, status in results if status == "200"], wall)
+    rows, overhead, throughput_ratio = [served], None, None
+    if weights is not None:
+        from severstal.predict import Predictor
+
+        predictor = Predictor.from_weights(weights)
+        predictor.predict([decode_image(bodies[0])])
+        bare_seconds = []
+        for index in range(requests):
+            begin = time.perf_counter()
+            predictor.predict([decode_image(bodies[index % len(bodies)])])
+            bare_seconds.append(time.perf_counter() - begin)
+        bare = _latency_row("bare Predictor.predict", bare_seconds, sum(bare_seconds))
+        rows.append(bare)
+        overhead = served["p50"] / bare["p50"]
+        throughput_ratio = served["images_per_s"] / bare["images_per_s"]
+    return {
+        "benchmark": "serve",
+        "url": url,
+        "images": len(paths),
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": requests - statuses.get("200", 0),
+        "error_statuses": {s: n for s, n in statuses.items() if s != "200"},
+        "rows": rows,
+        "overhead": overhead,
+        "throughput_ratio": throughput_ratio,
+    }
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """A plain-text table: one line per row, a header of the column keys.
 
