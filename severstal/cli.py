@@ -55,6 +55,177 @@ def main(argv: list[str] | None = None) -> int:
 # Commands -------------------------------------------------------------------------------------------
 # Each command below only parses, calls one package function and prints.
 
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for train.csv and train_images/")
+    parser.add_argument("--images", type=int, required=True, help="number of images to write")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; another seed gives other image ids")
+
+
+@command("synth", "Write a synthetic Severstal-like dataset in Kaggle's layout (no download).", _synth_arguments)
+def _synth(args: argparse.Namespace) -> None:
+    from severstal.synth import make_synthetic_dataset
+
+    summary = make_synthetic_dataset(args.out, args.images, seed=args.seed)
+    masks = ", ".join(f"class {c}: {n}" for c, n in summary["masks_per_class"].items())
+    print(f"{summary['images']} images in {summary['images_dir']} (seed {summary['seed']})")
+    print(f"{summary['defect_free']} defect-free, {summary['two_class_images']} with two classes")
+    print(f"masks: {masks}")
+    print(f"labels: {summary['csv']}")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder with train.csv and train_images/")
+    parser.add_argument("--config", default="small", help="config name (small, r50) or YAML path")
+    parser.add_argument("--output", type=Path, required=True, help="folder for weights, config, metrics")
+    parser.add_argument("--scratch", action="store_true", help="start from random weights (no download)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+
+
+@command("train", "Train Mask R-CNN on a folder in Kaggle's layout.", _train_arguments)
+def _train(args: argparse.Namespace) -> None:
+    from severstal.train import train
+
+    weights = train(args.data, args.config, args.output, args.opts, resume=args.resume, scratch=args.scratch,
+                    num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                    dist_url=args.dist_url)
+    print(f"weights: {weights}")
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
+    parser.add_argument("--data", type=Path, help="data folder (default: the one trained on)")
+    parser.add_argument("--output", type=Path, help="folder for COCO results and plots (default: <run>/eval)")
+    parser.add_argument("--tune", action="store_true", help="tune per-class thresholds and save them")
+    parser.add_argument("--tta", action="store_true", help="merge flipped views")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@command("evaluate", "Mean Dice (per class, vs the all-empty baseline) and COCO AP on the validation split.",
+         _evaluate_arguments)
+def _evaluate(args: argparse.Namespace) -> None:
+    from severstal.evaluation import evaluate
+
+    r = evaluate(args.weights, args.data, args.output, tune=args.tune, tta=args.tta)
+    print(f"{'':<18}{'model':>8}{'all-empty':>11}")
+    print(f"{'mean Dice':<18}{r['mean_dice']:>8.4f}{r['empty_baseline']:>11.4f}")
+    for c, v in r["dice_per_class"].items():
+        print(f"{'  class ' + c:<18}{v:>8.4f}")
+    print(f"{'Dice, non-empty':<18}{r['dice_nonempty']:>8.4f}")
+    print(f"{'COCO segm AP':<18}{r['segm_AP']:>8.2f}")
+    print(f"{'COCO bbox AP':<18}{r['bbox_AP']:>8.2f}")
+    if args.tune:
+        print(f"tuned on {r['images']} images: score thresholds {r['score_thresholds']}, min areas {r['min_areas']}"
+              f" (mean Dice before tuning {r['mean_dice_untuned']:.4f})")
+    if args.json:
+        print_json_line(r)
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    parser.add_argument("--format", choices=("new", "old"), default="new",
+                        help="new: ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
+    parser.add_argument("--tta", action="store_true", help="merge horizontally and vertically flipped views")
+    parser.add_argument("--overlays", type=Path, help="folder for PNG overlays of the predicted masks")
+    parser.add_argument("--batch-size", type=int, default=4)
+
+
+@command("predict", "Predict a folder of images and write a Kaggle submission.", _predict_arguments)
+def _predict(args: argparse.Namespace) -> None:
+    from severstal.predict import predict_folder
+
+    s = predict_folder(args.weights, args.images, args.out, fmt=args.format, tta=args.tta, overlays=args.overlays,
+                       batch_size=args.batch_size)
+    per_class = ", ".join(f"class {c}: {n}" for c, n in s["masks_per_class"].items())
+    print(f"{s['images']} images, {s['masks']} non-empty masks ({per_class})")
+    print(f"submission: {s['submission']}")
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for every output of the demo")
+    parser.add_argument("--images", type=int, default=300, help="synthetic training images")
+    parser.add_argument("--iterations", type=int, default=500, help="training iterations")
+
+
+@command("demo", "The whole pipeline on synthetic data, offline: synth, train, evaluate, predict, serve.",
+         _demo_arguments)
+def _demo(args: argparse.Namespace) -> None:
+    import logging
+
+    from severstal.demo import DemoSettings, run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    r = run_demo(args.out, DemoSettings(train_images=args.images, max_iter=args.iterations))
+    e = r["evaluation"]
+    print(f"\n{'':<22}{'model':>8}{'all-empty':>11}")
+    print(f"{'mean Dice (val)':<22}{e['mean_dice']:>8.4f}{e['empty_baseline']:>11.4f}")
+    for c, v in e["dice_per_class"].items():
+        print(f"{'  class ' + c:<22}{v:>8.4f}")
+    print(f"{'mean Dice (held out)':<22}{r['predict']['holdout_dice']:>8.4f}")
+    answer = r["serve"]["first_answer"]
+    summary = [(d["class_id"], d["score"], d["area"]) for d in answer["defects"]]
+    print(f"\nTorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
+    print(f"latencies (s): {r['serve']['latencies_s']}")
+    print(f"stage seconds: {r['seconds']} (total {sum(r['seconds'].values()):.0f} s)")
+    print(f"plots: {', '.join(r['plots'])}")
+    print(f"submission: {r['predict']['submission']}; overlays: {Path(args.out) / 'overlays'}")
+
+
+def _archive_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
+    parser.add_argument("--out", type=Path, required=True, help="model store folder to write NAME.mar into")
+    parser.add_argument("--name", default="severstal", help="model name: the /predictions/NAME path")
+    parser.add_argument("--version", default="1.0", help="model version")
+    parser.add_argument("--model-config", type=Path, help="default: torchserve/model-config.yaml")
+
+
+@command("archive", "Pack weights, config, thresholds and the handler into a TorchServe .mar.", _archive_arguments)
+def _archive(args: argparse.Namespace) -> None:
+    from severstal.serving import archive
+
+    path = archive(args.weights, args.out, name=args.name, version=args.version, model_config=args.model_config)
+    print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-store", type=Path, required=True, help="folder of .mar archives (all are served)")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the inference and metrics APIs")
+    parser.add_argument("--port", type=int, default=8080,
+                        help="inference port; management PORT+1 (loopback only), metrics PORT+2; 0: any free")
+    parser.add_argument("--workers", type=int, help="workers per model (default: the archive's minWorkers)")
+    parser.add_argument("--run-dir", type=Path, help="folder for logs, temporary files and token keys "
+                                                     "(default: a new temporary folder)")
+    parser.add_argument("--token-auth", action=argparse.BooleanOptionalAction, default=None,
+                        help="require token keys (default: on unless --host is loopback)")
+
+
+@command("serve", "Serve the model store with TorchServe until Ctrl-C or SIGTERM.", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from severstal.serving import serve
+
+    logging.basicConfig(level=logging.INFO, format="severstal serve: %(message)s")
+
+    def ready(server) -> None:
+        for name in server.models:
+            print(f"POST an image to {server.predictions_url(name)}")
+        print(f"metrics: {server.metrics_url}; logs: {server.run_dir / 'logs'}")
+        if server.token_auth:
+            print(f"token keys: {server.key_file} (header 'Authorization: Bearer <inference key>')")
+        print("Ctrl-C or SIGTERM stops the server", flush=True)
+
+    return serve(args.model_store, host=args.host, port=args.port, workers=args.workers, run_dir=args.run_dir,
+                 token_auth=args.token_auth, on_ready=ready)
+
+
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, required=True, help="train.csv in either Kaggle format")
     parser.add_argument("--out", type=Path, required=True, help="folder for train.json and val.json")
@@ -131,6 +302,36 @@ def _bench_convert(args: argparse.Namespace) -> int:
         print(f"{r['mismatched_masks']} masks differ between the two pipelines", file=sys.stderr)
         return 1
     return 0
+
+
+def _bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="predictions URL, e.g. http://127.0.0.1:8080/predictions/severstal")
+    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post")
+    parser.add_argument("--concurrency", type=int, default=4, help="clients posting at the same time")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests in all")
+    parser.add_argument("--weights", type=Path, help="weights or run folder: also time the bare model on the same images")
+    parser.add_argument("--token", help="inference key when the server has token authorization on")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("serve", "Latency and throughput of a running TorchServe, and of the bare model on the same images.",
+           _bench_serve_arguments)
+def _bench_serve(args: argparse.Namespace) -> int:
+    from severstal.bench import bench_serve, format_table
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    r = bench_serve(args.url, args.images, concurrency=args.concurrency, requests=args.requests,
+                    weights=args.weights, headers=headers)
+    print(f"serve: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']}")
+    print(format_table(r["rows"], [("method", ""), ("p50", ".3f"), ("p95", ".3f"), ("p99", ".3f"), ("mean", ".3f"),
+                                   ("images_per_s", ".2f")]))
+    if r["overhead"] is not None:
+        print(f"serving overhead: p50 {r['overhead']:.2f}x bare (meaningful at --concurrency 1); "
+              f"throughput {r['throughput_ratio']:.2f}x bare")
+    print(f"errors: {r['errors']}" + (f" {r['error_statuses']}" if r["errors"] else ""))
+    if args.json:
+        print_json_line(r)
+    return 1 if r["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The end-to-end demo behind ``make demo``: runs offline on synthetic data in a few minutes on a CPU.
+"""The end-to-end demo behind ``make demo``: runs offline on synthetic data in minutes on a CPU.
 
 synth -> convert to COCO -> train the ``small`` config -> evaluate with tuning -> predict held-out
-images -> report. Every stage calls the same function as its CLI command.
+images -> archive -> serve with TorchServe and post held-out images -> report. Every stage calls the
+same function as its CLI command.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DemoSettings:
     config: str = "small"
     max_iter: int = 500
     seed: int = 0
+    served_images: int = 6
     opts: list[str] = field(default_factory=list)
 
 
@@ -32,6 +34,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     from severstal.coco import convert_to_coco
     from severstal.evaluation import evaluate
     from severstal.predict import predict_folder
+    from severstal.serving import archive
     from severstal.synth import make_synthetic_dataset
     from severstal.train import train
 
@@ -56,13 +59,45 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
     submission = stage("predict", predict_folder, weights, holdout / "train_images", out / "submission.csv",
                        overlays=out / "overlays")
+    submission["holdout_dice"] = holdout_dice(out / "submission.csv", holdout / "train.csv")
+    mar = stage("archive", archive, weights, out / "model_store")
+    served = stage("serve", serve_and_post, mar.parent, sorted((holdout / "train_images").iterdir())[:s.served_images],
+                   out / "serve")
     report = {
         "coco": coco,
         "evaluation": metrics,
         "predict": submission,
+        "serve": served,
         "seconds": timings,
         "weights": str(weights),
         "plots": sorted(str(p) for p in (run / "eval").glob("*.png")),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def holdout_dice(submission: Path, truth_csv: Path) -> float:
+    """Mean Dice of a submission against the true masks of its images (none of them seen in training)."""
+    from severstal.annotations import read_submission, read_train_csv
+    from severstal.metrics import mean_dice
+
+    predicted = read_submission(submission)
+    return mean_dice(predicted.frame, read_train_csv(truth_csv), predicted.image_ids)
+
+
+def serve_and_post(model_store: Path, images: list[Path], run_dir: Path) -> dict:
+    """Start TorchServe on ``model_store``, post each image once, stop; return one answer and latencies."""
+    import requests
+
+    from severstal.serving import running_server
+
+    latencies, answers = [], []
+    with running_server(model_store, port=0, run_dir=run_dir) as server:
+        url = server.predictions_url("severstal")
+        for path in images:
+            start = time.perf_counter()
+            response = requests.post(url, data=path.read_bytes(), headers=server.headers(), timeout=60)
+            latencies.append(round(time.perf_counter() - start, 3))
+            response.raise_for_status()
+            answers.append(response.json())
+    return {"url": url, "latencies_s": latencies, "first_answer": {"image": images[0].name, **answers[0]}}

@@ -253,11 +253,11 @@ def _draw_pits(rng: np.random.Generator, width: int) -> np.ndarray:
     canvas = np.zeros((IMAGE_HEIGHT, width), np.uint8)
     for _ in range(rng.integers(1, 3)):
         cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(40, IMAGE_HEIGHT - 40)
-        spread = rng.uniform(15, 70, size=2)
-        for k in range(rng.integers(4, 15)):
+        spread = rng.uniform(20, 80, size=2)
+        for k in range(rng.integers(3, 9)):
             # The first pit sits at the centre so that a cluster is never clipped away entirely.
             dx, dy = (0.0, 0.0) if k == 0 else rng.normal(0, spread)
-            axes = (int(rng.integers(3, 10)), int(rng.integers(3, 8)))
+            axes = (int(rng.integers(5, 14)), int(rng.integers(4, 10)))
             centre = (int(cx + dx), int(cy + dy))
             cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
     return canvas
@@ -272,7 +272,7 @@ def _draw_cracks(rng: np.random.Generator, width: int) -> np.ndarray:
         ys = np.arange(top, top + rng.uniform(90, 300), 16)
         xs = x + np.cumsum(rng.normal(0, 1.5, ys.size))
         points = np.stack([xs, ys], axis=1).round().astype(np.int32)
-        cv2.polylines(canvas, [points], False, 1, int(rng.integers(3, 8)))
+        cv2.polylines(canvas, [points], False, 1, int(rng.integers(5, 12)))
         x += rng.choice([-1, 1]) * rng.uniform(15, 60)
     return canvas
 
@@ -289,7 +289,7 @@ def _draw_scratches_and_patches(rng: np.random.Generator, width: int) -> np.ndar
             ys = rng.uniform(10, IMAGE_HEIGHT - 10) + np.linspace(0, rng.uniform(-25, 25), xs.size)
             ys += rng.normal(0, 1.5, xs.size)
             points = np.stack([xs, ys], axis=1).round().astype(np.int32)
-            cv2.polylines(canvas, [points], False, 1, int(rng.integers(2, 8)))
+            cv2.polylines(canvas, [points], False, 1, int(rng.integers(4, 10)))
     if kind != "scratches":
         for _ in range(rng.integers(1, 3)):
             box_w, box_h = min(rng.uniform(80, 350), 0.9 * width), rng.uniform(20, 90)

@@ -40,3 +40,24 @@ def scratch_run(tmp_path_factory) -> Path:
     DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save("model_final")
     (folder / CONFIG_FILE).write_text(cfg.dump())
     return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset in Kaggle's layout (train.csv + train_images/)."""
+    from severstal.synth import make_synthetic_dataset
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(folder, 24, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, tmp_path_factory) -> Path:
+    """A run folder from a few iterations of the ``small`` config on :func:`synthetic_data`."""
+    from severstal.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(synthetic_data, "small", out, ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
+                                          "SEVERSTAL.VAL_FRACTION", "0.25", "DATALOADER.NUM_WORKERS", "0"])
+    return out

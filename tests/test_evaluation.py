@@ -1,0 +1,91 @@
+"""Evaluation: the Dice evaluator agrees with severstal.metrics, tuning finds the right thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from detectron2.data import DatasetCatalog
+
+from severstal.annotations import read_train_csv
+from severstal.config import load_bundle
+from severstal.datasets import register_data_dir, unregister
+from severstal.evaluation import (MIN_AREA_GRID, SCORE_GRID, DiceEvaluator, ImageDetections, detections_to_instances,
+                                  evaluate, records_frame, tune_thresholds)
+from severstal.images import read_image
+from severstal.metrics import mean_dice
+from severstal.predict import Detections, Predictor
+from severstal.rle import mask_to_rle
+
+
+def _box_detection(image_id, specs, shape=(256, 1600)):
+    masks = np.zeros((len(specs), *shape), bool)
+    for i, (_, _, (y0, y1, x0, x1)) in enumerate(specs):
+        masks[i, y0:y1, x0:x1] = True
+    det = Detections(shape[0], shape[1], np.zeros((len(specs), 4), np.float32),
+                     np.array([s[1] for s in specs], np.float32), np.array([s[0] for s in specs], np.int64), masks)
+    return ImageDetections.from_detections(image_id, det)
+
+
+def test_tuning_drops_weak_false_positives_and_small_specks():
+    truth_mask = np.zeros((256, 1600), np.uint8)
+    truth_mask[0:50, 0:100] = 1
+    truth = pd.DataFrame([("a.jpg", 1, mask_to_rle(truth_mask))], columns=["ImageId", "ClassId", "EncodedPixels"])
+    detections = [
+        _box_detection("a.jpg", [(1, 0.95, (0, 50, 0, 100))]),
+        _box_detection("b.jpg", [(1, 0.45, (0, 50, 0, 100))]),  # weak false positive on an empty image
+        _box_detection("c.jpg", [(1, 0.99, (0, 5, 0, 5))]),  # strong but tiny false positive
+    ]
+    tuned = tune_thresholds(detections, truth)
+    assert tuned["score_thresholds"][0] >= 0.5
+    assert 25 < tuned["min_areas"][0] <= 5000
+    assert tuned["dice_per_class"][1] == pytest.approx(1.0)
+    assert tuned["dice_per_class"][2] == pytest.approx(1.0)  # nothing predicted, nothing true
+    curve = tuned["curves"][1][SCORE_GRID[0]]
+    assert len(curve) == len(MIN_AREA_GRID) and curve[0] == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_dice_evaluator_agrees_with_mean_dice_on_the_same_predictions(trained_run, synthetic_data):
+    bundle = load_bundle(trained_run, device="cpu")
+    bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS = [0.06] * 4  # let the barely-trained model predict something
+    predictor = Predictor(bundle.cfg)
+    split = register_data_dir(synthetic_data, None, "test_dice_eval", image_ids=bundle.val_image_ids)
+    try:
+        dicts = DatasetCatalog.get("test_dice_eval")
+        evaluator = DiceEvaluator("test_dice_eval", bundle.cfg)
+        evaluator.reset()
+        images = [read_image(d["file_name"]) for d in dicts]
+        dets = predictor.detect(images)
+        evaluator.process(dicts, [{"instances": detections_to_instances(d)} for d in dets])
+        result = evaluator.evaluate()["dice"]
+    finally:
+        unregister("test_dice_eval")
+    records = predictor.predict(images)
+    ids = [d["image_id"] for d in dicts]
+    pred = records_frame(ids, records)
+    truth = read_train_csv(synthetic_data / "train.csv")
+    assert ids == split["val"]
+    assert result["mean_dice"] == pytest.approx(mean_dice(pred, truth, ids))
+    assert result["empty_baseline"] == pytest.approx(mean_dice(truth.iloc[0:0], truth, ids))
+    assert 0 <= result["mean_dice"] <= 1 and 0 <= result["dice_nonempty"] <= 1
+
+
+@pytest.mark.slow
+def test_evaluate_with_tuning_reports_the_documented_keys_and_saves_thresholds(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    results = evaluate(run, tune=True)
+    for key in ("mean_dice", "dice_per_class", "dice_nonempty", "empty_baseline", "segm_AP", "bbox_AP",
+                "score_thresholds", "min_areas", "mean_dice_untuned"):
+        assert key in results, key
+    assert 0 <= results["mean_dice"] <= 1 and 0 <= results["empty_baseline"] <= 1
+    assert results["mean_dice"] >= results["mean_dice_untuned"] - 1e-9  # tuning never loses on its own split
+    assert set(results["dice_per_class"]) == {"1", "2", "3", "4"} and results["images"] == 6
+    saved = json.loads((run / "thresholds.json").read_text())
+    assert saved["score_thresholds"] == results["score_thresholds"]
+    assert list(load_bundle(run).cfg.SEVERSTAL.MIN_AREAS) == results["min_areas"]
+    for name in ("dice_per_class.png", "threshold_curves.png", "evaluation.json"):
+        assert (run / "eval" / name).stat().st_size > 0

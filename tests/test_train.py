@@ -1,0 +1,44 @@
+"""Training: a few iterations write weights, the config, the split and metrics; resume continues."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from severstal.config import load_bundle
+from severstal.train import check_pretrained_weights, setup_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_run_leaves_everything_prediction_needs(trained_run, synthetic_data):
+    assert (trained_run / "model_final.pth").is_file()
+    split = json.loads((trained_run / "split.json").read_text())
+    images = {p.name for p in (synthetic_data / "train_images").iterdir()}
+    assert set(split["train"]) | set(split["val"]) == images
+    assert not set(split["train"]) & set(split["val"]) and len(split["val"]) == 6
+    bundle = load_bundle(trained_run)
+    assert bundle.cfg.SOLVER.MAX_ITER == 6 and bundle.val_image_ids == split["val"]
+    state = torch.load(trained_run / "model_final.pth", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 5 and any(k.startswith("roi_heads.mask_head") for k in state["model"])
+    metrics = [json.loads(line) for line in (trained_run / "metrics.json").read_text().splitlines()]
+    assert metrics and all(m["total_loss"] > 0 for m in metrics if "total_loss" in m)
+    assert list(trained_run.glob("events.out.tfevents.*"))
+
+
+def test_offline_download_of_pretrained_weights_says_what_to_do(synthetic_data, tmp_path, monkeypatch):
+    cfg = setup_cfg(synthetic_data, "r50", tmp_path)
+    cfg.MODEL.WEIGHTS = "https://localhost.invalid/model_final.pkl"
+    with pytest.raises(RuntimeError, match="--scratch"):
+        check_pretrained_weights(cfg)
+
+
+def test_several_processes_without_gpus_are_refused(synthetic_data, tmp_path):
+    from severstal.train import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        train(synthetic_data, "small", tmp_path, num_gpus=2)
