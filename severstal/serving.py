@@ -559,8 +559,7 @@ def running_server(model_store: str | Path, host: str = "127.0.0.1", port: int =
         raise FileNotFoundError(f"no .mar archives in {model_store}: build one with `severstal archive`")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    java = shutil.which("java")
-    if java is None:
+    if shutil.which("java") is None:
         raise FileNotFoundError("TorchServe needs Java 17 or newer on the PATH (make install, or install openjdk-17-jre-headless)")
     torchserve = Path(sys.executable).with_name("torchserve")
     if not torchserve.is_file():

@@ -20,7 +20,6 @@ class SeverstalHandler(BaseHandler):
     def initialize(self, context):
         """Load the archive's weights on the GPU TorchServe assigned (``gpu_id``), else the CPU."""
         self.manifest = context.manifest
-        self.model_yaml_config = context.model_yaml_config
         self.serving_model = serving.ServingModel.from_context(context)
         self.device = torch.device(self.serving_model.device)
         self.initialized = True
