@@ -48,8 +48,9 @@ test: install
 bench: install
 	$(VENV)/bin/severstal bench convert
 
+# Figures of the real sample (graphs/) and the README's pictures (images/); with the demo's run when there is one.
 graphs: install
-	$(VENV)/bin/severstal plots --out graphs
+	$(VENV)/bin/severstal plots --out graphs --images-out images $$(test -d $(DEMO_DIR)/run && echo --run $(DEMO_DIR)/run)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache $(DEMO_DIR)

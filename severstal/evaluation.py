@@ -13,6 +13,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -285,3 +286,57 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     plot_dice_per_class(results, output_dir / "dice_per_class.png")
     (output_dir / "evaluation.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+class ScoredImage(NamedTuple):
+    """One predicted image with its Dice: what a gallery of the best or worst images shows.
+
+    Attributes:
+        image_id: the ImageId.
+        path: its file.
+        dice: mean Dice of its four (image, class) pairs.
+        truth: class id -> Kaggle RLE of the true masks.
+        record: the predicted answer (:func:`severstal.predict.make_record`).
+    """
+
+    image_id: str
+    path: Path
+    dice: float
+    truth: dict
+    record: dict
+
+
+def score_images(weights: str | Path, data_dir: str | Path | None = None, image_ids: list[str] | None = None,
+                 predictor=None, batch_size: int = 4) -> list[ScoredImage]:
+    """Predict images of a data folder and score each with the competition's Dice, worst first.
+
+    Args:
+        weights: a training run's weights file or folder (its tuned thresholds apply when saved).
+        data_dir: the data folder (Kaggle layout); default: the one the run was trained on.
+        image_ids: the images to score; default: the run's validation split.
+        predictor: a ready :class:`severstal.predict.Predictor`; default: PyTorch from ``weights``.
+
+    Returns:
+        :class:`ScoredImage` s sorted by Dice, lowest first (ties by ImageId).
+    """
+    from severstal.annotations import read_train_csv
+    from severstal.config import load_bundle
+    from severstal.datasets import TRAIN_CSV, TRAIN_IMAGES
+    from severstal.metrics import dice_per_image
+    from severstal.predict import Predictor
+
+    bundle = load_bundle(weights)
+    data_dir = Path(data_dir or bundle.cfg.SEVERSTAL.DATA_DIR)
+    image_ids = list(image_ids if image_ids is not None else bundle.val_image_ids)
+    if not image_ids:
+        raise ValueError(f"no images to score: {bundle.folder} has no validation split; pass image_ids")
+    predictor = predictor or Predictor(bundle.cfg)
+    paths = [data_dir / TRAIN_IMAGES / i for i in image_ids]
+    records = {path.name: record for path, record in predictor.predict_files(paths, batch_size=batch_size)}
+    truth = read_train_csv(data_dir / TRAIN_CSV)
+    truth = truth[truth["ImageId"].isin(image_ids)]
+    scores = dice_per_image(records_frame(image_ids, [records[i] for i in image_ids]), truth, image_ids)
+    true_rles = {i: dict(zip(g["ClassId"].astype(int), g["EncodedPixels"])) for i, g in truth.groupby("ImageId")}
+    scored = [ScoredImage(i, p, float(d), true_rles.get(i, {}), records[i])
+              for i, p, d in zip(image_ids, paths, scores["mean_dice"])]
+    return sorted(scored, key=lambda s: (s.dice, s.image_id))

@@ -148,3 +148,31 @@ def dice_per_class(pred: pd.DataFrame, truth: pd.DataFrame, image_ids: Iterable[
     See :func:`dice_table` for the arguments.
     """
     return dice_table(pred, truth, image_ids)["dice_per_class"]
+
+
+def dice_per_image(
+    pred: pd.DataFrame, truth: pd.DataFrame, image_ids: Iterable[str], shape: tuple[int, int] = SHAPE
+) -> pd.DataFrame:
+    """Dice of every (image, class) pair, one row per image, to find the images a model gets wrong.
+
+    Args:
+        pred, truth, image_ids, shape: as :func:`dice_table`.
+
+    Returns:
+        Frame in the order of ``image_ids``: ``ImageId``, ``dice_class_1`` .. ``dice_class_4`` (1 where both
+        masks are empty), ``mean_dice`` (the image's share of the competition score: the mean of its four
+        pairs) and ``true_classes`` (how many classes the truth has on the image).
+
+    Raises:
+        ValueError: as :func:`dice_table`.
+    """
+    image_ids = list(image_ids)
+    intersection, pred_area, true_area = _pair_areas(pred, truth, image_ids, shape)
+    total = pred_area + true_area
+    scores = np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1)).reshape(-1, len(CLASS_IDS))
+    frame = pd.DataFrame({"ImageId": image_ids})
+    for k, class_id in enumerate(CLASS_IDS):
+        frame[f"dice_class_{class_id}"] = scores[:, k]
+    frame["mean_dice"] = scores.mean(axis=1) if len(image_ids) else np.zeros(0)
+    frame["true_classes"] = (true_area.reshape(-1, len(CLASS_IDS)) > 0).sum(axis=1)
+    return frame

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from severstal.metrics import dice, dice_per_class, dice_table, mean_dice
+from severstal.metrics import dice, dice_per_class, dice_per_image, dice_table, mean_dice
 from severstal.rle import rle_to_mask
 
 
@@ -109,3 +109,15 @@ def test_agrees_with_pixel_dice_on_real_masks(real_data):
     pixel = [dice(rle_to_mask(pred_masks.get((i, c), "")), rle_to_mask(truth_masks.get((i, c), "")))
              for i in ids for c in (1, 2, 3, 4)]
     assert mean_dice(pred, truth, ids) == pytest.approx(np.mean(pixel), abs=1e-12)
+
+
+def test_dice_per_image_by_hand():
+    truth = frame(("a.jpg", 1, "1 4"), ("c.jpg", 3, "10 5"))
+    pred = frame(("a.jpg", 1, "3 2"), ("b.jpg", 2, "1 1"), ("c.jpg", 3, "10 5"))
+    scores = dice_per_image(pred, truth, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    assert scores["ImageId"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert scores["dice_class_1"].tolist() == pytest.approx([2 * 2 / (2 + 4), 1, 1, 1])
+    assert scores["dice_class_2"].tolist() == [1, 0, 1, 1]  # a false positive on an empty pair scores 0
+    assert scores["mean_dice"].tolist() == pytest.approx([(2 / 3 + 3) / 4, 0.75, 1, 1])
+    assert scores["true_classes"].tolist() == [1, 0, 1, 0]
+    assert scores["mean_dice"].mean() == pytest.approx(mean_dice(pred, truth, scores["ImageId"]))
