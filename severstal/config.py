@@ -29,6 +29,15 @@ TTA_FLIPS = ("horizontal", "vertical")
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
 THRESHOLDS_FILE = "thresholds.json"
+MODEL_FILES = ("model_final.pth", "model.onnx", "model.engine")
+"""Model files a folder may hold, in the order a folder is searched: a training run's weights, then the
+files of ``severstal export`` (ONNX, TensorRT)."""
+
+
+def model_file_in(folder: str | Path) -> Path:
+    """The model file of a run or export folder: the first of :data:`MODEL_FILES` there (the first name when none is)."""
+    folder = Path(folder)
+    return next((folder / name for name in MODEL_FILES if (folder / name).is_file()), folder / MODEL_FILES[0])
 
 
 def add_severstal_config(cfg: CfgNode) -> None:
@@ -115,13 +124,14 @@ def load_bundle(weights_or_folder: str | Path, device: str | None = None) -> Mod
     """Load a training run's config and tuned thresholds from its weights file or output folder.
 
     Args:
-        weights_or_folder: ``model_final.pth`` (or any checkpoint) or the folder holding it; the folder
-            must hold ``config.yaml``; ``thresholds.json`` is applied when present.
+        weights_or_folder: ``model_final.pth`` (or any checkpoint), an exported ``model.onnx`` /
+            ``model.engine``, or the folder holding one (see :data:`MODEL_FILES`); the folder must hold
+            ``config.yaml``; ``thresholds.json`` is applied when present.
         device: "cpu", "cuda" or "cuda:N"; default: CUDA when available.
     """
     path = Path(weights_or_folder)
     if path.is_dir():
-        folder, weights = path, path / "model_final.pth"
+        folder, weights = path, model_file_in(path)
     else:
         folder, weights = path.parent, path
     if not weights.is_file():

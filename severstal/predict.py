@@ -122,10 +122,18 @@ class Predictor:
         self.score_floor = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
 
     @classmethod
-    def from_weights(cls, weights_or_folder: str | Path, device: str | None = None, tta: bool = False) -> Predictor:
-        """A PyTorch predictor for a training run's weights file or output folder."""
+    def from_weights(cls, weights_or_folder: str | Path, device: str | None = None, tta: bool = False,
+                     backend: str | None = None) -> Predictor:
+        """A predictor for a run's weights, an exported model (``.onnx``, ``.engine``) or their folder.
+
+        Args:
+            backend: "torch", "onnxruntime" or "tensorrt" (``severstal.backends``); default: the one the
+                model file runs on.
+        """
+        from severstal.backends import make_backend
+
         bundle: ModelBundle = load_bundle(weights_or_folder, device=device)
-        return cls(bundle.cfg, tta=tta)
+        return cls(bundle.cfg, backend=make_backend(backend, bundle.cfg), tta=tta)
 
     @property
     def thresholds(self) -> tuple[list[float], list[int]]:
@@ -255,16 +263,18 @@ def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: S
 
 
 def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt: str = "new", tta: bool = False,
-                   overlays: str | Path | None = None, batch_size: int = 4, predictor: Predictor | None = None) -> dict:
+                   overlays: str | Path | None = None, batch_size: int = 4, predictor: Predictor | None = None,
+                   backend: str | None = None) -> dict:
     """Predict every image of a folder and write a Kaggle submission with every (image, class) pair.
 
     Args:
-        weights: a training run's weights file or folder (ignored when ``predictor`` is given).
+        weights: a training run's weights file or folder, or an exported model (ignored when ``predictor`` is given).
         images: folder of JPEG/PNG images.
         out: submission CSV path, written atomically.
         fmt: "new" (``ImageId,EncodedPixels,ClassId``) or "old" (``ImageId_ClassId,EncodedPixels``).
         tta: merge horizontally/vertically flipped views.
         overlays: folder for PNGs of the predicted masks over each image.
+        backend: "torch", "onnxruntime" or "tensorrt"; default: the one ``weights`` runs on.
 
     Returns:
         ``images``, ``masks`` (non-empty class masks), ``masks_per_class``, ``submission`` path.
@@ -274,7 +284,7 @@ def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt
     from severstal.annotations import list_images, write_submission
     from severstal.plots import save_overlay
 
-    predictor = predictor or Predictor.from_weights(weights, tta=tta)
+    predictor = predictor or Predictor.from_weights(weights, tta=tta, backend=backend)
     paths = [Path(images) / name for name in list_images(images)]
     if not paths:
         raise FileNotFoundError(f"no images in {images}")

@@ -61,3 +61,29 @@ def trained_run(synthetic_data, tmp_path_factory) -> Path:
     train(synthetic_data, "small", out, ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
                                           "SEVERSTAL.VAL_FRACTION", "0.25", "DATALOADER.NUM_WORKERS", "0"])
     return out
+
+
+@pytest.fixture(scope="session")
+def low_floor_run(trained_run, tmp_path_factory) -> Path:
+    """:func:`trained_run`'s weights with a score floor of 0.001, 20 detections and thresholds of 0.005.
+
+    Six iterations leave every real-image score under the usual 0.05 floor; this copy keeps the weakest
+    detections so that exported and PyTorch outputs have something to compare. ``trained_run`` is untouched.
+    """
+    from severstal.config import CONFIG_FILE, get_severstal_cfg
+
+    folder = tmp_path_factory.mktemp("low_floor_run")
+    (folder / "model_final.pth").symlink_to(trained_run / "model_final.pth")
+    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001",
+                                                        "TEST.DETECTIONS_PER_IMAGE", "20",
+                                                        "SEVERSTAL.SCORE_THRESHOLDS", "[0.005, 0.005, 0.005, 0.005]"])
+    (folder / CONFIG_FILE).write_text(cfg.dump())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def onnx_export(low_floor_run, tmp_path_factory) -> Path:
+    """An export folder of :func:`low_floor_run` (simplified ``model.onnx``, opset 17, ``config.yaml``)."""
+    from severstal.export import export_onnx
+
+    return export_onnx(low_floor_run, tmp_path_factory.mktemp("onnx_export")).parent
