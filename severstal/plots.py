@@ -430,10 +430,12 @@ def plot_training_curves(metrics, path: str | Path) -> Path:
         evaluated = metrics.dropna(subset=dice_columns, how="all")
         for column in dice_columns:
             name = column.split("/", 1)[1]
-            class_id = int(name.rsplit("_", 1)[1]) if name.startswith("dice_class_") else None
-            style = {"color": CLASS_COLOURS[class_id]} if class_id else {"color": "black", "linewidth": 2.2}
-            if name == "empty_baseline":
-                style = {"color": "grey", "linestyle": "--"}
+            styles = {"mean_dice": {"color": "black", "linewidth": 2.2},
+                      "dice_nonempty": {"color": "black", "linestyle": ":"},
+                      "empty_baseline": {"color": "grey", "linestyle": "--"}}
+            if name.startswith("dice_class_"):
+                styles[name] = {"color": CLASS_COLOURS[int(name.rsplit("_", 1)[1])]}
+            style = styles.get(name, {})
             ax.plot(evaluated["iteration"], evaluated[column], marker="o", label=name, **style)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("iteration")
