@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import matplotlib
 
@@ -16,6 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from severstal import CLASS_IDS  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CLASS_COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8", 4: "#f58231"}
 """One colour per class, shared by every plot and overlay."""
