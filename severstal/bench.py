@@ -148,13 +148,15 @@ def _latency_row(method: str, seconds: Sequence[float], wall: float) -> dict:
 
 
 def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests: int = 100,
-                weights: str | Path | None = None, headers: dict | None = None, timeout: float = 300.0) -> dict:
-    """Load a running TorchServe with real images, then time the bare model on the same images.
+                weights: str | Path | None = None, headers: dict | None = None, timeout: float = 300.0,
+                rounds: int = 5) -> dict:
+    """Load a running TorchServe with real images and time the bare model on the same images.
 
     The server side posts ``requests`` images (cycling through the folder) from ``concurrency`` clients
     after one untimed warm-up request; a request counts as an error unless it answers 200 with the REST
-    contract's keys. The bare side runs afterwards, with the server idle: ``decode_image`` +
-    ``Predictor.predict([image])`` one image at a time, the same work as the handler minus serving.
+    contract's keys. The bare side is ``decode_image`` + ``Predictor.predict([image])``, one image at a
+    time: the handler's work minus serving. The two sides alternate in ``rounds`` (served part, then bare
+    part, with the server idle), so both see the same load from other processes on a shared machine.
     ``overhead`` (served p50 / bare p50) measures serving at ``concurrency`` 1; with more clients the
     latency includes queueing and ``throughput_ratio`` (served images/s / bare images/s) is the number to read.
 
@@ -162,10 +164,11 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         url: the predictions URL, e.g. ``http://127.0.0.1:8080/predictions/severstal``.
         images_dir: folder of JPEG/PNG images.
         concurrency: clients posting at the same time.
-        requests: timed requests in all.
+        requests: timed requests in all (and as many bare predictions).
         weights: a weights file or run folder for the bare side; None skips it.
         headers: extra request headers (``Authorization`` when token authorization is on).
         timeout: seconds per request.
+        rounds: served/bare alternations.
 
     Returns:
         ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "errors", "error_statuses",
@@ -184,8 +187,8 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
     paths = [Path(images_dir) / name for name in list_images(images_dir)[:requests]]
     if not paths:
         raise FileNotFoundError(f"no images in {images_dir}")
-    if concurrency < 1 or requests < 1:
-        raise ValueError(f"concurrency and requests must be >= 1, got {concurrency} and {requests}")
+    if concurrency < 1 or requests < 1 or rounds < 1:
+        raise ValueError(f"concurrency, requests and rounds must be >= 1, got {concurrency}, {requests}, {rounds}")
     bodies = [p.read_bytes() for p in paths]
     local = threading.local()
 
@@ -201,24 +204,30 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
             status = type(err).__name__
         return time.perf_counter() - start, status
 
-    post(0)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(post, range(requests)))
-    wall = time.perf_counter() - start
-    statuses = Counter(status for _, status in results)
-    served = _latency_row("TorchServe", [s for s, status in results if status == "200"], wall)
-    rows, overhead, throughput_ratio = [served], None, None
+    predictor = None
     if weights is not None:
         from severstal.predict import Predictor
 
         predictor = Predictor.from_weights(weights)
         predictor.predict([decode_image(bodies[0])])
-        bare_seconds = []
-        for index in range(requests):
-            begin = time.perf_counter()
-            predictor.predict([decode_image(bodies[index % len(bodies)])])
-            bare_seconds.append(time.perf_counter() - begin)
+    post(0)
+    results, served_wall, bare_seconds = [], 0.0, []
+    bounds = np.linspace(0, requests, min(rounds, requests) + 1).astype(int)
+    with ThreadPoolExecutor(concurrency) as pool:
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            start = time.perf_counter()
+            results += pool.map(post, range(first, last))
+            served_wall += time.perf_counter() - start
+            if predictor is None:
+                continue
+            for index in range(first, last):
+                begin = time.perf_counter()
+                predictor.predict([decode_image(bodies[index % len(bodies)])])
+                bare_seconds.append(time.perf_counter() - begin)
+    statuses = Counter(status for _, status in results)
+    served = _latency_row("TorchServe", [s for s, status in results if status == "200"], served_wall)
+    rows, overhead, throughput_ratio = [served], None, None
+    if predictor is not None:
         bare = _latency_row("bare Predictor.predict", bare_seconds, sum(bare_seconds))
         rows.append(bare)
         overhead = served["p50"] / bare["p50"]
@@ -235,6 +244,117 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         "overhead": overhead,
         "throughput_ratio": throughput_ratio,
     }
+
+
+def _timed_batches(func: Callable[[list], object], items: list, batch_size: int, repeats: int) -> list[float]:
+    """Seconds per image of each ``func(batch)`` call over ``repeats`` passes, after one untimed warm-up batch."""
+    func(items[:batch_size])
+    per_image = []
+    for _ in range(repeats):
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            begin = time.perf_counter()
+            func(batch)
+            per_image.append((time.perf_counter() - begin) / len(batch))
+    return per_image
+
+
+def _class_dice(records: list[dict], reference: list[dict]) -> float:
+    """Mean Dice of the class masks of ``records`` against ``reference`` over every (image, class) pair."""
+    from severstal.metrics import dice
+    from severstal.rle import rle_to_mask
+
+    values = [dice(rle_to_mask(r["classes"][c], (r["height"], r["width"])),
+                   rle_to_mask(ref["classes"][c], (ref["height"], ref["width"])))
+              for r, ref in zip(records, reference) for c in ref["classes"]]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequence[str] = ("torch", "onnxruntime"),
+                  batch_size: int = 1, repeats: int = 3, limit: int | None = 16, threads: int | None = None,
+                  device: str = "cpu", onnx: str | Path | None = None, engine: str | Path | None = None,
+                  work_dir: str | Path | None = None) -> dict:
+    """Time every backend on the same images, batches and pre-/post-processing: end to end and network alone.
+
+    All backends share one ``Predictor`` pipeline and differ only in ``backend.run``. End to end is
+    ``decode_image(bytes)`` + ``Predictor.predict`` (resize, network, box rescaling, mask pasting,
+    thresholds, RLE) per batch; network alone is ``backend.run`` on the same batches, preprocessed
+    beforehand. Each side runs one untimed warm-up batch, then ``repeats`` passes over the images; a batch's
+    time divided by its size is one sample, and ``p50_ms`` is the median sample (milliseconds per image).
+    PyTorch and ONNX Runtime use the same number of threads. ``dice_vs_torch`` compares each backend's
+    class masks with PyTorch's (mean Dice over every (image, class) pair; 1.0 is identical).
+
+    Args:
+        weights: the PyTorch reference: a ``.pth`` weights file or its run folder.
+        images_dir: folder of JPEG/PNG images.
+        backends: names from ``severstal.backends.BACKENDS``; "torch" is always run (it is the reference).
+        batch_size: images per ``predict`` / ``run`` call.
+        repeats: timed passes over the images.
+        limit: use the first ``limit`` images of the folder (None: all).
+        threads: CPU threads for PyTorch and ONNX Runtime (default: PyTorch's current setting).
+        device: "cpu" or "cuda[:N]".
+        onnx: an export of ``weights`` for onnxruntime/tensorrt; default: exported into ``work_dir``.
+        engine: a TensorRT engine for tensorrt; default: built from the ONNX model into ``work_dir``.
+        work_dir: folder for exports made here (default: a new temporary folder).
+
+    Returns:
+        ``{"benchmark": "predict", "weights", "images", "batch_size", "repeats", "threads", "device",
+        "rows": [...]}``; a row is ``{"backend", "e2e_p50_ms", "e2e_images_per_s", "e2e_vs_torch",
+        "net_p50_ms", "net_images_per_s", "net_vs_torch", "other_ms", "dice_vs_torch"}`` where
+        ``*_vs_torch`` is the speed-up over PyTorch (its p50 / this p50) and ``other_ms`` the end-to-end p50
+        minus the network p50 (decoding, resizing, post-processing, RLE: the shared part).
+    """
+    import tempfile
+
+    import torch
+
+    from severstal.annotations import list_images
+    from severstal.backends import check_backend, make_backend
+    from severstal.config import load_bundle
+    from severstal.export import export_onnx, export_tensorrt
+    from severstal.images import decode_image
+    from severstal.predict import Predictor
+
+    names = ["torch"] + [check_backend(b) for b in backends if b != "torch"]
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"batch_size and repeats must be >= 1, got {batch_size} and {repeats}")
+    paths = [Path(images_dir) / name for name in list_images(images_dir)][:limit]
+    if not paths:
+        raise FileNotFoundError(f"no images in {images_dir}")
+    bodies = [p.read_bytes() for p in paths]
+    threads = threads or torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="severstal-bench-"))
+    if any(n != "torch" for n in names) and onnx is None:
+        onnx = export_onnx(weights, work_dir / "onnx")
+    if "tensorrt" in names and engine is None:
+        engine = export_tensorrt(onnx, work_dir / "tensorrt")
+    model_files = {"torch": weights, "onnxruntime": onnx, "tensorrt": engine}
+    rows, reference = [], None
+    try:
+        for name in names:
+            bundle = load_bundle(model_files[name], device=device)
+            predictor = Predictor(bundle.cfg, backend=make_backend(name, bundle.cfg, threads=threads))
+            e2e = _timed_batches(lambda batch: predictor.predict([decode_image(b) for b in batch]), bodies,
+                                 batch_size, repeats)
+            tensors = [predictor.preprocess(decode_image(b)) for b in bodies]
+            net = _timed_batches(predictor.backend.run, tensors, batch_size, repeats)
+            records = predictor.predict([decode_image(b) for b in bodies])
+            reference = reference or records
+            rows.append({"backend": name, "e2e_p50_ms": 1000 * statistics.median(e2e),
+                         "e2e_images_per_s": len(e2e) / sum(e2e) if sum(e2e) else float("nan"),
+                         "net_p50_ms": 1000 * statistics.median(net),
+                         "net_images_per_s": len(net) / sum(net) if sum(net) else float("nan"),
+                         "dice_vs_torch": _class_dice(records, reference)})
+    finally:
+        torch.set_num_threads(previous_threads)
+    for row in rows:
+        row["e2e_vs_torch"] = rows[0]["e2e_p50_ms"] / row["e2e_p50_ms"]
+        row["net_vs_torch"] = rows[0]["net_p50_ms"] / row["net_p50_ms"]
+        row["other_ms"] = row["e2e_p50_ms"] - row["net_p50_ms"]
+    return {"benchmark": "predict", "weights": str(weights), "images": len(paths), "batch_size": batch_size,
+            "repeats": repeats, "threads": threads, "device": device, "rows": rows}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -255,3 +375,54 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
         return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
 
     return "\n".join([line([key for key, _ in columns])] + [line(c) for c in cells])
+
+
+def bench_train(configs: Sequence[str] = ("small", "r50"), iterations: int = 6, warmup: int = 2,
+                images: int = 16) -> dict:
+    """Seconds per training iteration of each config on the same synthetic images, from random weights.
+
+    Every config trains from scratch here (no download); the first ``warmup`` iterations are not timed.
+
+    Returns:
+        ``rows`` (config, images per batch, input size, median s/iter, s/image) and ``ratios`` of each
+        config's s/image to the first config's.
+    """
+    import tempfile
+
+    from detectron2.utils.events import EventStorage
+
+    from severstal.datasets import register_data_dir, unregister
+    from severstal.synth import make_synthetic_dataset
+    from severstal.train import TRAIN_SPLIT, SeverstalTrainer, setup_cfg
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="severstal-bench-train-") as tmp:
+        data = Path(tmp) / "data"
+        make_synthetic_dataset(data, images, seed=0)
+        register_data_dir(data, TRAIN_SPLIT, None, val_fraction=0.0)
+        try:
+            for name in configs:
+                cfg = setup_cfg(data, name, Path(tmp) / name, ["DATALOADER.NUM_WORKERS", "0"], scratch=True)
+                trainer = SeverstalTrainer(cfg)
+                times = []
+                with EventStorage(0):
+                    for _ in range(warmup + iterations):
+                        start = time.perf_counter()
+                        trainer._trainer.run_step()
+                        times.append(time.perf_counter() - start)
+                per_iter = statistics.median(times[warmup:])
+                rows.append({"config": name, "batch": cfg.SOLVER.IMS_PER_BATCH,
+                             "input": f"{cfg.INPUT.MIN_SIZE_TRAIN[0]}x{cfg.INPUT.MAX_SIZE_TRAIN}",
+                             "s_per_iter": per_iter, "s_per_image": per_iter / cfg.SOLVER.IMS_PER_BATCH})
+        finally:
+            unregister(TRAIN_SPLIT)
+    base = rows[0]["s_per_image"]
+    return {"rows": rows, "ratios": {r["config"]: r["s_per_image"] / base for r in rows},
+            "iterations": iterations, "threads": torch_threads()}
+
+
+def torch_threads() -> int:
+    """Threads PyTorch computes with (timings depend on it)."""
+    import torch
+
+    return torch.get_num_threads()

@@ -135,6 +135,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="merge horizontally and vertically flipped views")
     parser.add_argument("--overlays", type=Path, help="folder for PNG overlays of the predicted masks")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--backend", help="torch, onnxruntime or tensorrt (default: from the weights file: "
+                                          ".pth torch, .onnx onnxruntime, .engine tensorrt)")
 
 
 @command("predict", "Predict a folder of images and write a Kaggle submission.", _predict_arguments)
@@ -142,7 +144,7 @@ def _predict(args: argparse.Namespace) -> None:
     from severstal.predict import predict_folder
 
     s = predict_folder(args.weights, args.images, args.out, fmt=args.format, tta=args.tta, overlays=args.overlays,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, backend=args.backend)
     per_class = ", ".join(f"class {c}: {n}" for c, n in s["masks_per_class"].items())
     print(f"{s['images']} images, {s['masks']} non-empty masks ({per_class})")
     print(f"submission: {s['submission']}")
@@ -178,8 +180,42 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"submission: {r['predict']['submission']}; overlays: {Path(args.out) / 'overlays'}")
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="onnx: .pth weights or run folder; tensorrt: those, or an exported model.onnx")
+    parser.add_argument("--format", choices=("onnx", "tensorrt"), required=True,
+                        help="tensorrt exports to ONNX first when given PyTorch weights")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the model, config.yaml and thresholds")
+    parser.add_argument("--fp16", action="store_true", help="tensorrt: allow half-precision kernels")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or newer)")
+    parser.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnx-simplifier")
+
+
+@command("export", "Export a trained model to ONNX (simplified, checked) or a TensorRT engine.", _export_arguments)
+def _export(args: argparse.Namespace) -> int:
+    import logging
+
+    from severstal.backends import BackendUnavailable
+    from severstal.export import export_onnx, export_tensorrt
+
+    logging.basicConfig(level=logging.INFO, format="severstal export: %(message)s")
+    try:
+        onnx = args.weights if args.weights.suffix == ".onnx" else None
+        if onnx is None:
+            onnx = export_onnx(args.weights, args.out, opset=args.opset, simplify=args.simplify)
+            print(f"onnx: {onnx} ({onnx.stat().st_size / 1e6:.1f} MB)")
+        if args.format == "tensorrt":
+            engine = export_tensorrt(onnx, args.out, fp16=args.fp16)
+            print(f"tensorrt: {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
+    except BackendUnavailable as err:
+        print(f"severstal export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _archive_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="weights file or training output folder, or an exported model.onnx (or its folder)")
     parser.add_argument("--out", type=Path, required=True, help="model store folder to write NAME.mar into")
     parser.add_argument("--name", default="severstal", help="model name: the /predictions/NAME path")
     parser.add_argument("--version", default="1.0", help="model version")
@@ -248,6 +284,26 @@ def _convert(args: argparse.Namespace) -> None:
     if s["masks_left_out"]:
         print(f"{s['masks_left_out']} masks left out: their images are not in {args.images}")
     print(f"wrote {s['train_json']} and {s['val_json']}")
+
+
+def _plots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("graphs"), help="folder for the figures (default graphs)")
+    parser.add_argument("--data", type=Path, help="dataset folder (Kaggle layout); default: the real sample in "
+                                                  "../shared/data/severstal-real")
+    parser.add_argument("--run", type=Path, help="training run folder (e.g. demo/run): curves, Dice, latency")
+    parser.add_argument("--images-out", type=Path, help="folder for the README's pictures (e.g. images)")
+
+
+@command("plots", "Write the figures (class balance, areas, positions, examples, losses, Dice, latency) as PNG.",
+         _plots_arguments)
+def _plots(args: argparse.Namespace) -> None:
+    from severstal.graphs import write_graphs
+
+    r = write_graphs(args.out, args.data, args.run, args.images_out)
+    for path in r["written"]:
+        print(f"wrote {path}")
+    for reason in r["skipped"]:
+        print(f"skipped {reason}")
 
 
 BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
@@ -332,6 +388,66 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if args.json:
         print_json_line(r)
     return 1 if r["errors"] else 0
+
+
+def _bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", default="small,r50", help="comma-separated config names or YAML paths")
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations per config")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("train", "Seconds per training iteration of each config on the same synthetic images.",
+           _bench_train_arguments)
+def _bench_train(args: argparse.Namespace) -> None:
+    from severstal.bench import bench_train, format_table
+
+    r = bench_train(args.configs.split(","), iterations=args.iterations)
+    print(f"train: median of {r['iterations']} iterations, random weights, {r['threads']} threads")
+    print(format_table(r["rows"], [("config", ""), ("batch", "d"), ("input", ""), ("s_per_iter", ".2f"),
+                                   ("s_per_image", ".2f")]))
+    print("s/image relative to the first: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
+    if args.json:
+        print_json_line(r)
+
+
+def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="PyTorch reference: .pth weights or run folder")
+    parser.add_argument("--backends", default="torch,onnxruntime",
+                        help="comma-separated: torch, onnxruntime, tensorrt (torch always runs: it is the reference)")
+    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per call, the same for every backend")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
+    parser.add_argument("--limit", type=int, default=16, help="use the first N images (0: all)")
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--onnx", type=Path, help="an existing export of --weights (default: export to a temporary folder)")
+    parser.add_argument("--engine", type=Path, help="an existing TensorRT engine (default: built from the ONNX model)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("predict", "PyTorch vs ONNX Runtime vs TensorRT: same images, batches, pre- and post-processing.",
+           _bench_predict_arguments)
+def _bench_predict(args: argparse.Namespace) -> int:
+    from severstal.backends import BackendUnavailable
+    from severstal.bench import bench_predict, format_table
+
+    try:
+        r = bench_predict(args.weights, args.images, [b.strip() for b in args.backends.split(",") if b.strip()],
+                          batch_size=args.batch_size, repeats=args.repeats, limit=args.limit or None,
+                          threads=args.threads, device=args.device, onnx=args.onnx, engine=args.engine)
+    except BackendUnavailable as err:
+        print(f"severstal bench predict: error: {err}", file=sys.stderr)
+        return 2
+    print(f"predict: {r['images']} images x {r['repeats']} passes, batch size {r['batch_size']}, "
+          f"{r['threads']} threads, {r['device']}; p50 in ms per image; vs_torch = speed-up over PyTorch")
+    print(format_table(r["rows"], [("backend", ""), ("e2e_p50_ms", ".0f"), ("e2e_images_per_s", ".2f"),
+                                   ("e2e_vs_torch", ".2f"), ("net_p50_ms", ".0f"), ("net_images_per_s", ".2f"),
+                                   ("net_vs_torch", ".2f"), ("other_ms", ".0f"), ("dice_vs_torch", ".4f")]))
+    print("e2e: image bytes -> record with RLE; net: backend.run alone; other: e2e - net (decode, resize, "
+          "post-processing, RLE; shared by all backends)")
+    if args.json:
+        print_json_line(r)
+    return 0
 
 
 if __name__ == "__main__":

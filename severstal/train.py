@@ -19,8 +19,9 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
-from detectron2.engine import DefaultTrainer, launch
+from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
@@ -46,6 +47,21 @@ class SeverstalTrainer(DefaultTrainer):
             T.RandomFlip(horizontal=False, vertical=True),
         ]
         return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augmentations))
+
+    def build_hooks(self):
+        hook_list = super().build_hooks()
+        for hook in hook_list:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = self.cfg.SEVERSTAL.LOG_PERIOD
+        return hook_list
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SEVERSTAL.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        params = get_default_optimizer_params(model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                                              weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -16,13 +16,14 @@ def test_named_configs_load_with_severstal_keys(name):
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 4
     assert cfg.INPUT.MASK_FORMAT == "bitmask"
     assert len(cfg.SEVERSTAL.SCORE_THRESHOLDS) == 4 and len(cfg.SEVERSTAL.MIN_AREAS) == 4
-    assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
 
 
 def test_small_is_a_slim_groupnorm_r18_and_r50_starts_from_the_model_zoo():
     small, r50 = get_severstal_cfg("small"), get_severstal_cfg("r50")
     assert (small.MODEL.RESNETS.DEPTH, small.MODEL.RESNETS.NORM, small.MODEL.FPN.OUT_CHANNELS) == (18, "GN", 128)
     assert small.MODEL.WEIGHTS == "" and small.MODEL.BACKBONE.FREEZE_AT == 0
+    assert small.SEVERSTAL.OPTIMIZER == "AdamW" and small.DATALOADER.FILTER_EMPTY_ANNOTATIONS is True
+    assert r50.SEVERSTAL.OPTIMIZER == "SGD" and r50.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
     assert r50.MODEL.RESNETS.DEPTH == 50 and r50.MODEL.WEIGHTS.startswith("detectron2://")
     assert (r50.INPUT.MIN_SIZE_TEST, r50.INPUT.MAX_SIZE_TEST) == (256, 1600)
     assert list(r50.SEVERSTAL.TTA_FLIPS) == ["horizontal", "vertical"]
@@ -39,6 +40,7 @@ def test_overrides_apply_like_detectron2_tools():
         (["SOLVER.MAX_ITER"], "KEY VALUE pairs"),
         (["SEVERSTAL.MIN_AREAS", "[1, 2]"], "one value per class"),
         (["SEVERSTAL.TTA_FLIPS", "['diagonal']"], "allowed: \\['horizontal', 'vertical'\\]"),
+        (["SEVERSTAL.OPTIMIZER", "Adam"], "allowed: \\['SGD', 'AdamW'\\]"),
     ],
 )
 def test_bad_overrides_say_what_is_allowed(opts, message):
