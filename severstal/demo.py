@@ -31,6 +31,7 @@ class DemoSettings:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     """Run every stage into ``out`` and return the report (also written to ``out/report.json``)."""
+    from severstal.annotations import write_text_atomic
     from severstal.coco import convert_to_coco
     from severstal.evaluation import evaluate
     from severstal.predict import predict_folder
@@ -72,7 +73,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "weights": str(weights),
         "plots": sorted(str(p) for p in (run / "eval").glob("*.png")),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     return report
 
 

@@ -23,7 +23,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from severstal import CLASS_IDS
-from severstal.metrics import dice_table
+from severstal.metrics import dice_from_areas, dice_table
 from severstal.predict import Detections, make_record
 from severstal.rle import coco_rle_to_kaggle
 
@@ -139,11 +139,6 @@ class DiceEvaluator(DatasetEvaluator):
         return dice_table(records_frame(ids, records), truth, ids)
 
 
-def _dice_from_areas(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    total = pred + true
-    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
-
-
 def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shape=(256, 1600),
                     score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID) -> dict:
     """Per class, the score threshold and minimum area that maximise mean Dice on these images.
@@ -174,7 +169,7 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
             row = []
             for min_area in min_area_grid:
                 kept = pred >= max(min_area, 1)
-                row.append(float(_dice_from_areas(inter * kept, pred * kept, true).mean()))
+                row.append(float(dice_from_areas(inter * kept, pred * kept, true).mean()))
             curves[t] = row
             j = int(np.argmax(row))
             if row[j] > best[0]:
@@ -188,13 +183,11 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
 
 def save_thresholds(tuned: dict, folder: str | Path) -> Path:
     """Write ``thresholds.json`` next to the weights, atomically."""
+    from severstal.annotations import write_text_atomic
     from severstal.config import THRESHOLDS_FILE
 
-    path = Path(folder) / THRESHOLDS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: tuned[k] for k in ("score_thresholds", "min_areas", "dice_per_class")}, indent=1))
-    tmp.replace(path)
-    return path
+    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "dice_per_class")}
+    return write_text_atomic(Path(folder) / THRESHOLDS_FILE, json.dumps(saved, indent=1))
 
 
 def detections_to_instances(det: Detections):
@@ -231,6 +224,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
     from tqdm import tqdm
 
+    from severstal.annotations import write_text_atomic
     from severstal.config import load_bundle
     from severstal.datasets import register_data_dir, unregister
     from severstal.images import read_image
@@ -284,7 +278,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         results["min_areas"] = tuned["min_areas"]
         plot_threshold_curves(tuned["curves"], MIN_AREA_GRID, output_dir / "threshold_curves.png")
     plot_dice_per_class(results, output_dir / "dice_per_class.png")
-    (output_dir / "evaluation.json").write_text(json.dumps(results, indent=1))
+    write_text_atomic(output_dir / "evaluation.json", json.dumps(results, indent=1))
     return results
 
 

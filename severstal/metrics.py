@@ -41,6 +41,12 @@ def dice(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, true).sum()) / total
 
 
+def dice_from_areas(intersection: np.ndarray, pred_area: np.ndarray, true_area: np.ndarray) -> np.ndarray:
+    """Dice of many pairs from their pixel counts (int arrays of one shape); 1 where both are empty."""
+    total = pred_area + true_area
+    return np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1))
+
+
 def _pair_runs(frame: pd.DataFrame, positions: dict[str, int], shape: tuple[int, int], what: str):
     """Runs of a frame's masks as intervals on one axis: pair ``p`` covers ``[p * H * W, (p + 1) * H * W)``.
 
@@ -118,8 +124,7 @@ def dice_table(
             twice; ``image_ids`` repeats an image.
     """
     intersection, pred_area, true_area = _pair_areas(pred, truth, image_ids, shape)
-    total = pred_area + true_area
-    scores = np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1))
+    scores = dice_from_areas(intersection, pred_area, true_area)
     per_class = scores.reshape(-1, len(CLASS_IDS))
     non_empty = true_area > 0
     nan = float("nan")
@@ -168,8 +173,7 @@ def dice_per_image(
     """
     image_ids = list(image_ids)
     intersection, pred_area, true_area = _pair_areas(pred, truth, image_ids, shape)
-    total = pred_area + true_area
-    scores = np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1)).reshape(-1, len(CLASS_IDS))
+    scores = dice_from_areas(intersection, pred_area, true_area).reshape(-1, len(CLASS_IDS))
     frame = pd.DataFrame({"ImageId": image_ids})
     for k, class_id in enumerate(CLASS_IDS):
         frame[f"dice_class_{class_id}"] = scores[:, k]

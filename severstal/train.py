@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from severstal.annotations import write_text_atomic
 from severstal.config import CONFIG_FILE, SPLIT_FILE, get_severstal_cfg, use_scratch_weights
 from severstal.datasets import register_data_dir
 from severstal.evaluation import DiceEvaluator
@@ -114,8 +115,8 @@ def _train_worker(cfg: CfgNode, resume: bool) -> None:
     if comm.is_main_process():
         out = Path(cfg.OUTPUT_DIR)
         out.mkdir(parents=True, exist_ok=True)
-        (out / SPLIT_FILE).write_text(json.dumps(split, indent=1))
-        (out / CONFIG_FILE).write_text(cfg.dump())
+        write_text_atomic(out / SPLIT_FILE, json.dumps(split, indent=1))
+        write_text_atomic(out / CONFIG_FILE, cfg.dump())
     if not resume:
         check_pretrained_weights(cfg)
     trainer = SeverstalTrainer(cfg)
