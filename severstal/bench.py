@@ -3,6 +3,10 @@
 ``convert``: Kaggle RLE masks to COCO instances (:func:`bench_convert`), the run-based conversion of
 :mod:`severstal.instances` against the straightforward pixel pipeline on the same masks, checking that
 both give identical instances.
+
+``predict``: the prediction backends (:func:`bench_predict`), PyTorch against ONNX Runtime (and TensorRT
+on a GPU) on the same images, batches and shared pre- and post-processing, end to end and network alone,
+checking that their masks agree.
 """
 
 from __future__ import annotations

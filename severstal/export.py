@@ -14,6 +14,11 @@ The ONNX graph is Detectron2's model traced through ``TracingAdapter`` around
 * constants frozen at export: the score floor (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``), the NMS IoU and
   ``TEST.DETECTIONS_PER_IMAGE``; rows come sorted by decreasing score, so a smaller cap is a slice.
 
+The trace runs on a fixed noise frame of Severstal's size; what it records does not depend on how many
+detections that frame gives (the tests compare with PyTorch on real images, at other sizes, and with none).
+GroupNorm in the ROI heads is traced in a form with explicit sizes (:func:`_zero_safe_group_norm`): the
+exporter's own form fails in ONNX Runtime on an image without detections.
+
 Opset 17 by default; at least 16 is required (ONNX ``RoiAlign`` gains half-pixel alignment in 16; opset
 11 loses detections). The config (``config.yaml``, thresholds applied) and, when the run has them,
 ``thresholds.json`` and ``split.json`` are written beside ``model.onnx`` so that
@@ -49,7 +54,8 @@ METADATA_KEYS = {
     "source": "severstal.source_weights",
 }
 """``metadata_props`` of an exported model: the config YAML, the thresholds JSON
-(``{"score_thresholds", "min_areas"}``), the class names JSON (Detectron2's ``thing_classes``, index = 0-based class), the frozen detection cap, the weights file."""
+(``{"score_thresholds", "min_areas"}``), the class names JSON (Detectron2's ``thing_classes``, indexed by
+the 0-based class), the frozen detection cap and the name of the weights file."""
 
 
 @contextlib.contextmanager

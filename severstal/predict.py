@@ -145,11 +145,13 @@ class Predictor:
         resized = self.resize.get_transform(image).apply_image(image)
         return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def detect(self, images: Sequence[np.ndarray], min_scores: Sequence[float] | None = None) -> list[Detections]:
         """All instances above the config's score floor, at each image's original size.
 
         Args:
             images: (H, W, 3) uint8 BGR arrays; sizes may differ.
+            min_scores: per class 1..4, also drop instances below their class's score before their masks are
+                pasted (``predict`` passes its thresholds: pasting masks that ``make_record`` drops is wasted).
         """
         tensors = [self.preprocess(image) for image in images]
         raws = self.backend.run(tensors)
@@ -158,11 +160,15 @@ class Predictor:
             flipped = self.backend.run([t.flip(dim) for t in tensors])
             raws = [_merge(raw, _unflip(f, t.shape[1:], flip), self.cfg.SEVERSTAL.TTA_MERGE_IOU)
                     for raw, f, t in zip(raws, flipped, tensors)]
-        return [self.postprocess(raw, t.shape[1:], image.shape[:2]) for raw, t, image in zip(raws, tensors, images)]
+        return [self.postprocess(raw, t.shape[1:], image.shape[:2], min_scores)
+                for raw, t, image in zip(raws, tensors, images)]
 
-    def postprocess(self, raw: RawOutput, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> Detections:
-        """Rescale boxes to the original image and paste the instance masks there."""
+    def postprocess(self, raw: RawOutput, input_hw: tuple[int, int], original_hw: tuple[int, int],
+                    min_scores: Sequence[float] | None = None) -> Detections:
+        """Rescale boxes to the original image and paste the instance masks there (see :meth:`detect`)."""
         keep = raw.scores >= self.score_floor
+        if min_scores is not None:
+            keep &= raw.scores >= torch.as_tensor(min_scores, dtype=raw.scores.dtype)[raw.classes]
         boxes = raw.boxes[keep].clone()
         height, width = int(original_hw[0]), int(original_hw[1])
         boxes[:, 0::2] *= width / input_hw[1]
@@ -187,7 +193,7 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[dict]:
         """Records (the REST answer) for a batch of (H, W, 3) uint8 BGR images."""
         thresholds, min_areas = self.thresholds
-        return [make_record(d, thresholds, min_areas) for d in self.detect(images)]
+        return [make_record(d, thresholds, min_areas) for d in self.detect(images, min_scores=thresholds)]
 
     def predict_files(self, paths: Iterable[Path], batch_size: int = 4, progress: bool = True) -> Iterator[tuple[Path, dict]]:
         """Yield ``(path, record)`` for image files, in batches, with a progress bar."""

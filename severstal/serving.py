@@ -55,8 +55,9 @@ HANDLER_FILE = TORCHSERVE_DIR / "handler.py"
 MODEL_CONFIG_FILE = TORCHSERVE_DIR / "model-config.yaml"
 PROPERTIES_FILE = TORCHSERVE_DIR / "config.properties"
 
-BACKENDS = ("torch",)
-"""Backends the handler can run the network with (``handler: backend:`` in model-config.yaml)."""
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+"""Backends the handler can run the network with (``handler: backend:`` in model-config.yaml): the names of
+``severstal.backends.BACKENDS``, repeated here so that reading settings imports no torch."""
 REQUEST_FIELDS = ("data", "body")
 """Where an image may be in a request: multipart field ``data``, else the raw body."""
 BATCH_HEADER = "X-Severstal-Batch-Size"
@@ -184,14 +185,15 @@ class HandlerSettings:
         min_areas: per class 1..4 minimum class-mask area in pixels; None keeps the saved ones.
         max_detections: instances per image before thresholds; None keeps the config's
             ``TEST.DETECTIONS_PER_IMAGE``.
-        backend: one of :data:`BACKENDS`.
-        fp16: autocast to half precision; used on GPU only.
+        backend: one of :data:`BACKENDS`; None follows the archived model file (``.pth`` torch, ``.onnx``
+            onnxruntime, ``.engine`` tensorrt).
+        fp16: autocast to half precision; used on GPU by the torch backend only.
     """
 
     score_thresholds: tuple[float, ...] | None = None
     min_areas: tuple[int, ...] | None = None
     max_detections: int | None = None
-    backend: str = "torch"
+    backend: str | None = None
     fp16: bool = False
 
     @classmethod
@@ -215,8 +217,8 @@ class HandlerSettings:
         max_detections = block.get("max_detections")
         if max_detections is not None and (not isinstance(max_detections, int) or max_detections < 1):
             raise ValueError(f"handler settings: max_detections must be a positive integer, got {max_detections!r}")
-        backend = block.get("backend", "torch")
-        if backend not in BACKENDS:
+        backend = block.get("backend")
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f"handler settings: unknown backend {backend!r}; allowed: {list(BACKENDS)}")
         fp16 = block.get("fp16", False)
         if not isinstance(fp16, bool):
@@ -265,16 +267,18 @@ class ServingModel:
             gpu_id: the GPU TorchServe assigned, or None.
             handler_block: the ``handler:`` block of model-config.yaml.
         """
+        from severstal.backends import make_backend
         from severstal.config import load_bundle
-        from severstal.predict import Predictor, TorchBackend
+        from severstal.predict import Predictor
 
         settings = HandlerSettings.from_mapping(handler_block)
         device = select_device(gpu_id)
         bundle = load_bundle(Path(model_dir) / weights_name, device=device)
         settings.apply(bundle.cfg)
-        backend = TorchBackend(bundle.cfg, fp16=settings.fp16)
-        log.info("loaded %s on %s (fp16 %s, score thresholds %s, min areas %s)", bundle.weights, device,
-                 backend.fp16, list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS), list(bundle.cfg.SEVERSTAL.MIN_AREAS))
+        backend = make_backend(settings.backend, bundle.cfg, fp16=settings.fp16)
+        log.info("loaded %s on %s with %s (fp16 %s, score thresholds %s, min areas %s)", bundle.weights, device,
+                 type(backend).__name__, getattr(backend, "fp16", False), list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS),
+                 list(bundle.cfg.SEVERSTAL.MIN_AREAS))
         return cls(Predictor(bundle.cfg, backend=backend), settings)
 
     @classmethod
@@ -307,10 +311,12 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
     """Build ``out_dir/NAME.mar`` with torch-model-archiver.
 
     The archive holds the weights, the run's ``config.yaml`` (and ``thresholds.json`` when present), the
-    handler and ``model-config.yaml``; the handler imports the installed ``severstal`` package.
+    handler and ``model-config.yaml``; the handler imports the installed ``severstal`` package. An exported
+    ``model.onnx`` (``severstal export``) is archived the same way and served with ONNX Runtime unless the
+    handler block's ``backend`` says otherwise.
 
     Args:
-        weights: a weights file or a training run folder (its ``model_final.pth``).
+        weights: a weights file or exported model, or its folder (``severstal.config.MODEL_FILES``).
         out_dir: the model store to write to (created).
         name: the model name, the ``/predictions/NAME`` path.
         version: the model version.
@@ -319,11 +325,12 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
     Returns:
         The path of the archive.
     """
-    from severstal.config import CONFIG_FILE, THRESHOLDS_FILE
+    from severstal.backends import backend_for
+    from severstal.config import CONFIG_FILE, THRESHOLDS_FILE, model_file_in
 
     weights = Path(weights)
     if weights.is_dir():
-        weights = weights / "model_final.pth"
+        weights = model_file_in(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}")
     config = weights.parent / CONFIG_FILE
@@ -332,7 +339,10 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
     if not _MODEL_NAME.fullmatch(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
     model_config = Path(model_config) if model_config else MODEL_CONFIG_FILE
-    _check_model_config(model_config)
+    backend = _check_model_config(model_config).backend
+    if backend is not None and backend != backend_for(weights):
+        raise ValueError(f"{model_config} sets backend {backend!r}, which cannot run {weights.name} "
+                         f"(a {backend_for(weights)!r} model): set backend to null or {backend_for(weights)!r}")
     extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,14 +359,14 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
     return path
 
 
-def _check_model_config(path: Path) -> None:
-    """Fail before archiving when model-config.yaml is unreadable or its handler block is wrong."""
+def _check_model_config(path: Path) -> HandlerSettings:
+    """The handler settings of model-config.yaml; fails before archiving when it is unreadable or wrong."""
     import yaml
 
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
     loaded = yaml.safe_load(path.read_text()) or {}
-    HandlerSettings.from_mapping(loaded.get("handler"))
+    return HandlerSettings.from_mapping(loaded.get("handler"))
 
 
 def _torchserve_file(path: Path) -> Path:

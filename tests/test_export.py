@@ -130,6 +130,25 @@ def test_a_failing_simplifier_keeps_the_unsimplified_graph(monkeypatch, caplog):
     assert "could not validate" in caplog.text
 
 
+def test_images_without_detections_match_pytorch(trained_run, real_data, tmp_path):
+    """With a score floor no detection reaches, the exported graph answers empty outputs like PyTorch
+    (a GroupNorm mask head used to fail there in ONNX Runtime)."""
+    from severstal.config import CONFIG_FILE, get_severstal_cfg
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").symlink_to(trained_run / "model_final.pth")
+    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
+    (run / CONFIG_FILE).write_text(cfg.dump())
+    export_onnx(run, tmp_path / "onnx")
+    tensors = [Predictor.from_weights(tmp_path / "onnx", device="cpu").preprocess(image)
+               for image in real_images(real_data, 2)]
+    reference = TorchBackend(load_bundle(run, device="cpu").cfg).run(tensors)
+    exported = OnnxRuntimeBackend(tmp_path / "onnx" / "model.onnx").run(tensors)
+    assert [len(r.scores) for r in reference] == [len(o.scores) for o in exported] == [0, 0]
+    assert all(o.mask_probs.shape == (0, 28, 28) and o.boxes.shape == (0, 4) for o in exported)
+
+
 def test_group_norm_exports_for_an_empty_batch(tmp_path):
     """A mask head with GroupNorm sees zero boxes on an image without detections."""
     import onnxruntime as ort
