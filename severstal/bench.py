@@ -250,16 +250,23 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
     }
 
 
-def _timed_batches(func: Callable[[list], object], items: list, batch_size: int, repeats: int) -> list[float]:
-    """Seconds per image of each ``func(batch)`` call over ``repeats`` passes, after one untimed warm-up batch."""
-    func(items[:batch_size])
-    per_image = []
+def _interleaved_timings(funcs: dict[str, Callable[[list], object]], items: list, batch_size: int,
+                         repeats: int) -> dict[str, list[float]]:
+    """Seconds per image of each ``funcs[name](batch)`` call, the functions taking turns on every batch.
+
+    Each function first runs one untimed warm-up batch; then ``repeats`` passes go over ``items``, every
+    batch timed with each function in turn, so that a change in the machine's load hits all of them alike.
+    """
+    for func in funcs.values():
+        func(items[:batch_size])
+    per_image: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(repeats):
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            begin = time.perf_counter()
-            func(batch)
-            per_image.append((time.perf_counter() - begin) / len(batch))
+            for name, func in funcs.items():
+                begin = time.perf_counter()
+                func(batch)
+                per_image[name].append((time.perf_counter() - begin) / len(batch))
     return per_image
 
 
@@ -283,10 +290,12 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
     All backends share one ``Predictor`` pipeline and differ only in ``backend.run``. End to end is
     ``decode_image(bytes)`` + ``Predictor.predict`` (resize, network, box rescaling, mask pasting,
     thresholds, RLE) per batch; network alone is ``backend.run`` on the same batches, preprocessed
-    beforehand. Each side runs one untimed warm-up batch, then ``repeats`` passes over the images; a batch's
-    time divided by its size is one sample, and ``p50_ms`` is the median sample (milliseconds per image).
-    PyTorch and ONNX Runtime use the same number of threads. ``dice_vs_torch`` compares each backend's
-    class masks with PyTorch's (mean Dice over every (image, class) pair; 1.0 is identical).
+    beforehand (resizing depends only on the config, which an export keeps). Each backend runs one untimed
+    warm-up batch, then ``repeats`` passes go over the images with the backends taking turns on every
+    batch (a change in the machine's load hits all alike); a batch's time divided by its size is one
+    sample, and ``p50_ms`` is the median sample (milliseconds per image). PyTorch and ONNX Runtime use the
+    same number of threads. ``dice_vs_torch`` compares each backend's class masks with PyTorch's (mean
+    Dice over every (image, class) pair; 1.0 is identical).
 
     Args:
         weights: the PyTorch reference: a ``.pth`` weights file or its run folder.
@@ -329,30 +338,29 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
     threads = threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="severstal-bench-"))
-    if any(n != "torch" for n in names) and onnx is None:
-        onnx = export_onnx(weights, work_dir / "onnx")
-    if "tensorrt" in names and engine is None:
-        engine = export_tensorrt(onnx, work_dir / "tensorrt")
-    model_files = {"torch": weights, "onnxruntime": onnx, "tensorrt": engine}
-    rows, reference = [], None
     try:
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="severstal-bench-"))
+        if any(n != "torch" for n in names) and onnx is None:
+            onnx = export_onnx(weights, work_dir / "onnx")
+        if "tensorrt" in names and engine is None:
+            engine = export_tensorrt(onnx, work_dir / "tensorrt")
+        model_files = {"torch": weights, "onnxruntime": onnx, "tensorrt": engine}
+        predictors = {}
         for name in names:
             bundle = load_bundle(model_files[name], device=device)
-            predictor = Predictor(bundle.cfg, backend=make_backend(name, bundle.cfg, threads=threads))
-            e2e = _timed_batches(lambda batch: predictor.predict([decode_image(b) for b in batch]), bodies,
-                                 batch_size, repeats)
-            tensors = [predictor.preprocess(decode_image(b)) for b in bodies]
-            net = _timed_batches(predictor.backend.run, tensors, batch_size, repeats)
-            records = predictor.predict([decode_image(b) for b in bodies])
-            reference = reference or records
-            rows.append({"backend": name, "e2e_p50_ms": 1000 * statistics.median(e2e),
-                         "e2e_images_per_s": len(e2e) / sum(e2e) if sum(e2e) else float("nan"),
-                         "net_p50_ms": 1000 * statistics.median(net),
-                         "net_images_per_s": len(net) / sum(net) if sum(net) else float("nan"),
-                         "dice_vs_torch": _class_dice(records, reference)})
+            predictors[name] = Predictor(bundle.cfg, backend=make_backend(name, bundle.cfg, threads=threads))
+        e2e = _interleaved_timings({name: lambda batch, p=p: p.predict([decode_image(b) for b in batch])
+                                    for name, p in predictors.items()}, bodies, batch_size, repeats)
+        tensors = [predictors["torch"].preprocess(decode_image(b)) for b in bodies]
+        net = _interleaved_timings({name: p.backend.run for name, p in predictors.items()}, tensors, batch_size,
+                                   repeats)
+        records = {name: p.predict([decode_image(b) for b in bodies]) for name, p in predictors.items()}
     finally:
         torch.set_num_threads(previous_threads)
+    rows = [{"backend": name, "e2e_p50_ms": 1000 * statistics.median(e2e[name]),
+             "e2e_images_per_s": len(e2e[name]) / sum(e2e[name]),
+             "net_p50_ms": 1000 * statistics.median(net[name]), "net_images_per_s": len(net[name]) / sum(net[name]),
+             "dice_vs_torch": _class_dice(records[name], records["torch"])} for name in names]
     for row in rows:
         row["e2e_vs_torch"] = rows[0]["e2e_p50_ms"] / row["e2e_p50_ms"]
         row["net_vs_torch"] = rows[0]["net_p50_ms"] / row["net_p50_ms"]

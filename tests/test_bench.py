@@ -70,3 +70,20 @@ def test_cli_bench_lists_its_benchmarks(capsys):
         main(["bench", "nothing"])
     assert "invalid choice: 'nothing'" in capsys.readouterr().err
 
+
+
+def test_cli_bench_predict_times_every_backend_on_the_same_images(low_floor_run, onnx_export, real_data, capsys):
+    assert main(["bench", "predict", "--weights", str(low_floor_run), "--onnx", str(onnx_export / "model.onnx"),
+                 "--images", str(real_data / "train_images"), "--limit", "2", "--repeats", "1", "--threads", "1",
+                 "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("predict: 2 images x 1 passes, batch size 1, 1 threads, cpu")
+    r = json.loads(out[-1])
+    assert [row["backend"] for row in r["rows"]] == ["torch", "onnxruntime"]
+    torch_row, ort_row = r["rows"]
+    assert torch_row["e2e_vs_torch"] == 1.0 and ort_row["dice_vs_torch"] >= 0.99
+    assert ort_row["e2e_vs_torch"] == pytest.approx(torch_row["e2e_p50_ms"] / ort_row["e2e_p50_ms"])
+    assert all(row["e2e_p50_ms"] > 0 and row["net_p50_ms"] > 0 and row["net_images_per_s"] > 0 for row in r["rows"])
+    assert main(["bench", "predict", "--weights", str(low_floor_run), "--images", str(real_data / "train_images"),
+                 "--backends", "torch,openvino"]) == 2
+    assert "unknown backend 'openvino'" in capsys.readouterr().err
