@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from severstal.annotations import write_text_atomic
 from severstal.config import CONFIG_FILE, SPLIT_FILE, get_severstal_cfg, use_scratch_weights
-from severstal.datasets import register_data_dir
+from severstal.datasets import register_data_dir, unregister
 from severstal.evaluation import DiceEvaluator
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,16 @@ def _train_worker(cfg: CfgNode, resume: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / SPLIT_FILE, json.dumps(split, indent=1))
         write_text_atomic(out / CONFIG_FILE, cfg.dump())
-    if not resume:
-        check_pretrained_weights(cfg)
-    trainer = SeverstalTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
+    try:
+        if not resume:
+            check_pretrained_weights(cfg)
+        trainer = SeverstalTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+    finally:  # train() may run in the caller's process: leave its catalogs as they were
+        for name in (TRAIN_SPLIT, VAL_SPLIT):
+            if name in DatasetCatalog.list():
+                unregister(name)
 
 
 def train(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts=(), *, resume: bool = False,
