@@ -69,7 +69,8 @@ def make_backend(name: str | None, cfg, fp16: bool = False, providers: list | No
             chosen when it is built).
         providers: ONNX Runtime execution providers (default: CUDA when the config's device is a GPU and
             ONNX Runtime has it, else CPU).
-        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's, one per physical core).
+        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's, one per physical core); PyTorch's
+            are process-wide (``torch.set_num_threads``), so the caller sets them.
 
     Raises:
         ValueError: an unknown name, or a model file that the named backend cannot run.

@@ -11,6 +11,7 @@ checking that their masks agree.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -294,7 +295,9 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
     warm-up batch, then ``repeats`` passes go over the images with the backends taking turns on every
     batch (a change in the machine's load hits all alike); a batch's time divided by its size is one
     sample, and ``p50_ms`` is the median sample (milliseconds per image). PyTorch and ONNX Runtime use the
-    same number of threads. ``dice_vs_torch`` compares each backend's class masks with PyTorch's (mean
+    same number of threads. On cores shared with other work PyTorch's OpenMP threads spin-wait unless
+    ``OMP_WAIT_POLICY=PASSIVE`` is set before Python starts (measured on 2 busy cores: 7x slower), so the
+    result records that variable. ``dice_vs_torch`` compares each backend's class masks with PyTorch's (mean
     Dice over every (image, class) pair; 1.0 is identical).
 
     Args:
@@ -312,7 +315,7 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
 
     Returns:
         ``{"benchmark": "predict", "weights", "images", "batch_size", "repeats", "threads", "device",
-        "rows": [...]}``; a row is ``{"backend", "e2e_p50_ms", "e2e_images_per_s", "e2e_vs_torch",
+        "omp_wait_policy", "rows": [...]}``; a row is ``{"backend", "e2e_p50_ms", "e2e_images_per_s", "e2e_vs_torch",
         "net_p50_ms", "net_images_per_s", "net_vs_torch", "other_ms", "dice_vs_torch"}`` where
         ``*_vs_torch`` is the speed-up over PyTorch (its p50 / this p50) and ``other_ms`` the end-to-end p50
         minus the network p50 (decoding, resizing, post-processing, RLE: the shared part).
@@ -366,7 +369,8 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
         row["net_vs_torch"] = rows[0]["net_p50_ms"] / row["net_p50_ms"]
         row["other_ms"] = row["e2e_p50_ms"] - row["net_p50_ms"]
     return {"benchmark": "predict", "weights": str(weights), "images": len(paths), "batch_size": batch_size,
-            "repeats": repeats, "threads": threads, "device": device, "rows": rows}
+            "repeats": repeats, "threads": threads, "device": device,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "rows": rows}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:

@@ -439,7 +439,8 @@ def _bench_predict(args: argparse.Namespace) -> int:
         print(f"severstal bench predict: error: {err}", file=sys.stderr)
         return 2
     print(f"predict: {r['images']} images x {r['repeats']} passes, batch size {r['batch_size']}, "
-          f"{r['threads']} threads, {r['device']}; p50 in ms per image; vs_torch = speed-up over PyTorch")
+          f"{r['threads']} threads, {r['device']}, OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}; "
+          "p50 in ms per image; vs_torch = speed-up over PyTorch")
     print(format_table(r["rows"], [("backend", ""), ("e2e_p50_ms", ".0f"), ("e2e_images_per_s", ".2f"),
                                    ("e2e_vs_torch", ".2f"), ("net_p50_ms", ".0f"), ("net_images_per_s", ".2f"),
                                    ("net_vs_torch", ".2f"), ("other_ms", ".0f"), ("dice_vs_torch", ".4f")]))
