@@ -225,6 +225,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     from tqdm import tqdm
 
     from severstal.annotations import write_text_atomic
+    from severstal.backends import make_backend
     from severstal.config import load_bundle
     from severstal.datasets import register_data_dir, unregister
     from severstal.images import read_image
@@ -236,7 +237,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     data_dir = Path(data_dir or cfg.SEVERSTAL.DATA_DIR)
     output_dir = Path(output_dir or bundle.folder / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
-    predictor = predictor or Predictor(cfg, tta=tta)
+    predictor = predictor or Predictor(cfg, backend=make_backend(None, cfg), tta=tta)
     name = "severstal_eval"
     split = register_data_dir(data_dir, None, name, image_ids=bundle.val_image_ids or None)
     try:
@@ -314,6 +315,7 @@ def score_images(weights: str | Path, data_dir: str | Path | None = None, image_
         :class:`ScoredImage` s sorted by Dice, lowest first (ties by ImageId).
     """
     from severstal.annotations import read_train_csv
+    from severstal.backends import make_backend
     from severstal.config import load_bundle
     from severstal.datasets import TRAIN_CSV, TRAIN_IMAGES
     from severstal.metrics import dice_per_image
@@ -324,7 +326,7 @@ def score_images(weights: str | Path, data_dir: str | Path | None = None, image_
     image_ids = list(image_ids if image_ids is not None else bundle.val_image_ids)
     if not image_ids:
         raise ValueError(f"no images to score: {bundle.folder} has no validation split; pass image_ids")
-    predictor = predictor or Predictor(bundle.cfg)
+    predictor = predictor or Predictor(bundle.cfg, backend=make_backend(None, bundle.cfg))
     paths = [data_dir / TRAIN_IMAGES / i for i in image_ids]
     records = {path.name: record for path, record in predictor.predict_files(paths, batch_size=batch_size)}
     truth = read_train_csv(data_dir / TRAIN_CSV)
