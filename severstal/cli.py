@@ -12,17 +12,28 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
+Entry = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], "int | None"]]
+COMMANDS: dict[str, Entry] = {}
+"""Sub-commands of ``severstal``; add one with :func:`command`."""
+BENCHMARKS: dict[str, Entry] = {}
+"""Sub-benchmarks of ``severstal bench WHAT``; add one with :func:`benchmark`."""
 
 
-def command(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register ``func(args)`` as the sub-command ``name``."""
+def _registrar(table: dict[str, Entry]):
+    """A decorator factory ``(name, help_text, add_arguments)`` that registers ``func(args)`` in ``table``."""
 
-    def decorator(func):
-        COMMANDS[name] = (help_text, add_arguments, func)
-        return func
+    def register(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+        def decorator(func):
+            table[name] = (help_text, add_arguments, func)
+            return func
 
-    return decorator
+        return decorator
+
+    return register
+
+
+command = _registrar(COMMANDS)
+benchmark = _registrar(BENCHMARKS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,20 +315,6 @@ def _plots(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     for reason in r["skipped"]:
         print(f"skipped {reason}")
-
-
-BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
-"""Sub-benchmarks of ``severstal bench WHAT``; add one with :func:`benchmark`."""
-
-
-def benchmark(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register ``func(args)`` as ``severstal bench NAME``."""
-
-    def decorator(func):
-        BENCHMARKS[name] = (help_text, add_arguments, func)
-        return func
-
-    return decorator
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
