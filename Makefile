@@ -11,12 +11,13 @@ PIP_VERSION := 26.2.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: help install java demo test test-fast bench graphs clean
+.PHONY: help install java demo test bench graphs clean
 
 help:
-	@echo "make demo    synthetic data -> train -> evaluate -> predict -> serve (installs first)"
-	@echo "make test    the test suite (installs first)"
-	@echo "make bench   benchmarks (RLE -> COCO conversion, prediction, serving)"
+	@echo "make demo    synthetic data -> train -> evaluate -> predict -> archive -> serve (installs first)"
+	@echo "make test    ruff, then the test suite (installs first)"
+	@echo "make bench   severstal bench convert: RLE -> COCO instances vs the pixel pipeline, real masks"
+	@echo "make graphs  figures of the real sample (graphs/, images/), with the demo's run when there is one"
 	@echo "make install only the virtual environment .venv"
 
 install: java $(STAMP)
@@ -31,11 +32,11 @@ java:
 		echo "install: TorchServe needs Java 17 or newer on the PATH: install openjdk-17-jre-headless" >&2; exit 1; \
 	fi
 
-$(STAMP): pyproject.toml severstal/detectron2_build.py
+$(STAMP): pyproject.toml tools/build_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q pip==$(PIP_VERSION)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q "$$($(PY) -m severstal.detectron2_build --python $(PY) --cache .cache/detectron2)"
+	wheel="$$($(PY) tools/build_detectron2.py --python $(PY) --cache .cache/detectron2)" && $(PIP) install -q "$$wheel"
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -43,6 +44,7 @@ demo: install
 	$(VENV)/bin/severstal demo --out $(DEMO_DIR)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: install

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Entry = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], "int | None"]]
 COMMANDS: dict[str, Entry] = {}
@@ -75,7 +75,7 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("synth", "Write a synthetic Severstal-like dataset in Kaggle's layout (no download).", _synth_arguments)
 def _synth(args: argparse.Namespace) -> None:
-    from severstal.synth import make_synthetic_dataset
+    from severstal.data.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.out, args.images, seed=args.seed)
     masks = ", ".join(f"class {c}: {n}" for c, n in summary["masks_per_class"].items())
@@ -100,7 +100,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("train", "Train Mask R-CNN on a folder in Kaggle's layout.", _train_arguments)
 def _train(args: argparse.Namespace) -> None:
-    from severstal.train import train
+    from severstal.model.train import train
 
     weights = train(args.data, args.config, args.output, args.opts, resume=args.resume, scratch=args.scratch,
                     num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
@@ -120,7 +120,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 @command("evaluate", "Mean Dice (per class, vs the all-empty baseline) and COCO AP on the validation split.",
          _evaluate_arguments)
 def _evaluate(args: argparse.Namespace) -> None:
-    from severstal.evaluation import evaluate
+    from severstal.model.evaluation import evaluate
 
     r = evaluate(args.weights, args.data, args.output, tune=args.tune, tta=args.tta)
     print(f"{'':<18}{'model':>8}{'all-empty':>11}")
@@ -152,7 +152,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("predict", "Predict a folder of images and write a Kaggle submission.", _predict_arguments)
 def _predict(args: argparse.Namespace) -> None:
-    from severstal.predict import predict_folder
+    from severstal.model.predict import predict_folder
 
     s = predict_folder(args.weights, args.images, args.out, fmt=args.format, tta=args.tta, overlays=args.overlays,
                        batch_size=args.batch_size, backend=args.backend)
@@ -206,8 +206,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     import logging
 
-    from severstal.backends import BackendUnavailable
-    from severstal.export import export_onnx, export_tensorrt
+    from severstal.model.backends import BackendUnavailable
+    from severstal.model.export import export_onnx, export_tensorrt
 
     logging.basicConfig(level=logging.INFO, format="severstal export: %(message)s")
     try:
@@ -235,7 +235,7 @@ def _archive_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("archive", "Pack weights, config, thresholds and the handler into a TorchServe .mar.", _archive_arguments)
 def _archive(args: argparse.Namespace) -> None:
-    from severstal.serving import archive
+    from severstal.serve.archive import archive
 
     path = archive(args.weights, args.out, name=args.name, version=args.version, model_config=args.model_config)
     print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -257,7 +257,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from severstal.serving import serve
+    from severstal.serve.server import serve
 
     logging.basicConfig(level=logging.INFO, format="severstal serve: %(message)s")
 
@@ -285,7 +285,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 @command("convert", "Convert a train.csv into COCO instance JSON (one instance per connected component).",
          _convert_arguments)
 def _convert(args: argparse.Namespace) -> None:
-    from severstal.coco import convert_to_coco
+    from severstal.data.coco import convert_to_coco
 
     s = convert_to_coco(args.csv, args.out, images=args.images, val_fraction=args.val_fraction, seed=args.seed,
                         min_area=args.min_area)
@@ -308,7 +308,7 @@ def _plots_arguments(parser: argparse.ArgumentParser) -> None:
 @command("plots", "Write the figures (class balance, areas, positions, examples, losses, Dice, latency) as PNG.",
          _plots_arguments)
 def _plots(args: argparse.Namespace) -> None:
-    from severstal.graphs import write_graphs
+    from severstal.figures import write_graphs
 
     r = write_graphs(args.out, args.data, args.run, args.images_out)
     for path in r["written"]:
@@ -340,7 +340,8 @@ def _bench_convert_arguments(parser: argparse.ArgumentParser) -> None:
 @benchmark("convert", "Kaggle RLE -> COCO instances: run-based vs the pixel pipeline, same masks, one core.",
            _bench_convert_arguments)
 def _bench_convert(args: argparse.Namespace) -> int:
-    from severstal.bench import bench_convert, format_table, real_train_csv
+    from severstal.bench import format_table
+    from severstal.bench.convert import bench_convert, real_train_csv
 
     r = bench_convert(args.csv or real_train_csv(), repeats=args.repeats, limit=args.limit)
     print(f"convert: {r['masks']} masks of {r['csv']} -> {r['instances']} instances "
@@ -362,7 +363,8 @@ def _bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post")
     parser.add_argument("--concurrency", type=int, default=4, help="clients posting at the same time")
     parser.add_argument("--requests", type=int, default=100, help="timed requests in all")
-    parser.add_argument("--weights", type=Path, help="weights or run folder: also time the bare model on the same images")
+    parser.add_argument("--weights", type=Path,
+                        help="weights or run folder: also time the bare model on the same images")
     parser.add_argument("--token", help="inference key when the server has token authorization on")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
@@ -370,7 +372,8 @@ def _bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
 @benchmark("serve", "Latency and throughput of a running TorchServe, and of the bare model on the same images.",
            _bench_serve_arguments)
 def _bench_serve(args: argparse.Namespace) -> int:
-    from severstal.bench import bench_serve, format_table
+    from severstal.bench import format_table
+    from severstal.bench.serve import bench_serve
 
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     r = bench_serve(args.url, args.images, concurrency=args.concurrency, requests=args.requests,
@@ -396,7 +399,8 @@ def _bench_train_arguments(parser: argparse.ArgumentParser) -> None:
 @benchmark("train", "Seconds per training iteration of each config on the same synthetic images.",
            _bench_train_arguments)
 def _bench_train(args: argparse.Namespace) -> None:
-    from severstal.bench import bench_train, format_table
+    from severstal.bench import format_table
+    from severstal.bench.train import bench_train
 
     r = bench_train(args.configs.split(","), iterations=args.iterations)
     print(f"train: median of {r['iterations']} iterations, random weights, {r['threads']} threads")
@@ -417,7 +421,8 @@ def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=16, help="use the first N images (0: all)")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--onnx", type=Path, help="an existing export of --weights (default: export to a temporary folder)")
+    parser.add_argument("--onnx", type=Path,
+                        help="an existing export of --weights (default: export to a temporary folder)")
     parser.add_argument("--engine", type=Path, help="an existing TensorRT engine (default: built from the ONNX model)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
@@ -425,8 +430,9 @@ def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
 @benchmark("predict", "PyTorch vs ONNX Runtime vs TensorRT: same images, batches, pre- and post-processing.",
            _bench_predict_arguments)
 def _bench_predict(args: argparse.Namespace) -> int:
-    from severstal.backends import BackendUnavailable
-    from severstal.bench import bench_predict, format_table
+    from severstal.bench import format_table
+    from severstal.bench.predict import bench_predict
+    from severstal.model.backends import BackendUnavailable
 
     try:
         r = bench_predict(args.weights, args.images, [b.strip() for b in args.backends.split(",") if b.strip()],

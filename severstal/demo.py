@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from severstal.files import TRAIN_CSV, TRAIN_IMAGES, write_text_atomic
+
 log = logging.getLogger(__name__)
+
+# The demo's folder: data/, holdout/ (images never trained or tuned on), run/ (the training run), report.json.
+DATA_DIR = "data"
+HOLDOUT_DIR = "holdout"
+RUN_DIR = "run"
+REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -31,13 +39,12 @@ class DemoSettings:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     """Run every stage into ``out`` and return the report (also written to ``out/report.json``)."""
-    from severstal.annotations import write_text_atomic
-    from severstal.coco import convert_to_coco
-    from severstal.evaluation import evaluate
-    from severstal.predict import predict_folder
-    from severstal.serving import archive
-    from severstal.synth import make_synthetic_dataset
-    from severstal.train import train
+    from severstal.data.coco import convert_to_coco
+    from severstal.data.synth import make_synthetic_dataset
+    from severstal.model.evaluation import evaluate
+    from severstal.model.predict import predict_folder
+    from severstal.model.train import train
+    from severstal.serve.archive import archive
 
     s = settings or DemoSettings()
     out = Path(out)
@@ -50,19 +57,19 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         timings[name] = round(time.perf_counter() - start, 1)
         return result
 
-    data, holdout, run = out / "data", out / "holdout", out / "run"
+    data, holdout, run = out / DATA_DIR, out / HOLDOUT_DIR, out / RUN_DIR
     stage("synth", make_synthetic_dataset, data, s.train_images, seed=s.seed)
     stage("synth holdout", make_synthetic_dataset, holdout, s.holdout_images, seed=s.seed + 1)
-    coco = stage("convert", convert_to_coco, data / "train.csv", out / "coco", images=data / "train_images",
+    coco = stage("convert", convert_to_coco, data / TRAIN_CSV, out / "coco", images=data / TRAIN_IMAGES,
                  val_fraction=0.2, seed=s.seed)
     opts = ["SOLVER.MAX_ITER", str(s.max_iter), *s.opts]
     weights = stage("train", train, data, s.config, run, opts)
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
-    submission = stage("predict", predict_folder, weights, holdout / "train_images", out / "submission.csv",
+    submission = stage("predict", predict_folder, weights, holdout / TRAIN_IMAGES, out / "submission.csv",
                        overlays=out / "overlays")
-    submission["holdout_dice"] = holdout_dice(out / "submission.csv", holdout / "train.csv")
+    submission["holdout_dice"] = holdout_dice(out / "submission.csv", holdout / TRAIN_CSV)
     mar = stage("archive", archive, weights, out / "model_store")
-    served = stage("serve", serve_and_post, mar.parent, sorted((holdout / "train_images").iterdir())[:s.served_images],
+    served = stage("serve", serve_and_post, mar.parent, sorted((holdout / TRAIN_IMAGES).iterdir())[:s.served_images],
                    out / "serve")
     report = {
         "coco": coco,
@@ -73,14 +80,14 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "weights": str(weights),
         "plots": sorted(str(p) for p in (run / "eval").glob("*.png")),
     }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, default=str))
     return report
 
 
 def holdout_dice(submission: Path, truth_csv: Path) -> float:
     """Mean Dice of a submission against the true masks of its images (none of them seen in training)."""
-    from severstal.annotations import read_submission, read_train_csv
-    from severstal.metrics import mean_dice
+    from severstal.data.annotations import read_submission, read_train_csv  # pandas: imported when used
+    from severstal.data.dice import mean_dice
 
     predicted = read_submission(submission)
     return mean_dice(predicted.frame, read_train_csv(truth_csv), predicted.image_ids)
@@ -88,17 +95,14 @@ def holdout_dice(submission: Path, truth_csv: Path) -> float:
 
 def serve_and_post(model_store: Path, images: list[Path], run_dir: Path) -> dict:
     """Start TorchServe on ``model_store``, post each image once, stop; return one answer and latencies."""
-    import requests
-
-    from severstal.serving import running_server
+    from severstal.serve.client import post_image
+    from severstal.serve.server import running_server
 
     latencies, answers = [], []
     with running_server(model_store, port=0, run_dir=run_dir) as server:
         url = server.predictions_url("severstal")
         for path in images:
             start = time.perf_counter()
-            response = requests.post(url, data=path.read_bytes(), headers=server.headers(), timeout=60)
+            answers.append(post_image(url, path, server.headers(), timeout=60))
             latencies.append(round(time.perf_counter() - start, 3))
-            response.raise_for_status()
-            answers.append(response.json())
     return {"url": url, "latencies_s": latencies, "first_answer": {"image": images[0].name, **answers[0]}}

@@ -31,7 +31,7 @@ def scratch_run(tmp_path_factory) -> Path:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from severstal.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 
     folder = tmp_path_factory.mktemp("scratch_run")
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def scratch_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in Kaggle's layout (train.csv + train_images/)."""
-    from severstal.synth import make_synthetic_dataset
+    from severstal.data.synth import make_synthetic_dataset
 
     folder = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(folder, 24, seed=3)
@@ -55,11 +55,12 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data, tmp_path_factory) -> Path:
     """A run folder from a few iterations of the ``small`` config on :func:`synthetic_data`."""
-    from severstal.train import train
+    from severstal.model.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(synthetic_data, "small", out, ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
-                                          "SEVERSTAL.VAL_FRACTION", "0.25", "DATALOADER.NUM_WORKERS", "0"])
+    train(synthetic_data, "small", out, ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2",
+                                          "SOLVER.WARMUP_ITERS", "2", "SEVERSTAL.VAL_FRACTION", "0.25",
+                                          "DATALOADER.NUM_WORKERS", "0"])
     return out
 
 
@@ -70,7 +71,7 @@ def low_floor_run(trained_run, tmp_path_factory) -> Path:
     Six iterations leave every real-image score under the usual 0.05 floor; this copy keeps the weakest
     detections so that exported and PyTorch outputs have something to compare. ``trained_run`` is untouched.
     """
-    from severstal.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 
     folder = tmp_path_factory.mktemp("low_floor_run")
     (folder / "model_final.pth").symlink_to(trained_run / "model_final.pth")
@@ -84,6 +85,6 @@ def low_floor_run(trained_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_export(low_floor_run, tmp_path_factory) -> Path:
     """An export folder of :func:`low_floor_run` (simplified ``model.onnx``, opset 17, ``config.yaml``)."""
-    from severstal.export import export_onnx
+    from severstal.model.export import export_onnx
 
     return export_onnx(low_floor_run, tmp_path_factory.mktemp("onnx_export")).parent

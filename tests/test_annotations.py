@@ -1,4 +1,4 @@
-"""severstal.annotations: both train.csv formats, submissions, writers, and the errors bad tables give."""
+"""severstal.data.annotations: both train.csv formats, submissions, writers, and the errors bad tables give."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from severstal.annotations import (
+from severstal.data.annotations import (
     list_images,
     read_annotations,
     read_submission,
     read_train_csv,
     write_submission,
-    write_text_atomic,
 )
+from severstal.files import write_text_atomic
 
 
 @pytest.fixture(scope="module")

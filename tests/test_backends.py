@@ -9,14 +9,23 @@ import onnx
 import pytest
 import torch
 
-from severstal import serving
-from severstal.backends import (BACKENDS, BackendUnavailable, OnnxRuntimeBackend, TensorRTBackend, backend_for,
-                                check_backend, make_backend, tensorrt_missing)
-from severstal.config import load_bundle
-from severstal.images import decode_image
-from severstal.metrics import dice
-from severstal.predict import Predictor, TorchBackend
-from severstal.rle import rle_to_mask
+import severstal.serve
+from severstal import files
+from severstal.data.dice import dice
+from severstal.data.images import decode_image
+from severstal.data.rle import rle_to_mask
+from severstal.files import BACKENDS, backend_for, check_backend
+from severstal.model.backends import (
+    BackendUnavailable,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    make_backend,
+    tensorrt_missing,
+)
+from severstal.model.config import load_bundle
+from severstal.model.predict import Predictor, TorchBackend
+from severstal.serve import archive as serve_archive
+from severstal.serve import worker as serve_worker
 
 VALID = "valid backends: ['torch', 'onnxruntime', 'tensorrt']"
 
@@ -33,8 +42,8 @@ def test_an_unknown_backend_lists_the_valid_ones(scratch_run, tmp_path, capsys):
                  str(tmp_path / "s.csv"), "--backend", "tflite"]) == 2
     assert f"unknown backend 'tflite'; {VALID}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backend 'onnx'; allowed: "):
-        serving.HandlerSettings.from_mapping({"backend": "onnx"})
-    assert serving.BACKENDS == BACKENDS
+        serve_worker.HandlerSettings.from_mapping({"backend": "onnx"})
+    assert files.BACKENDS == BACKENDS
 
 
 def test_the_backend_follows_the_model_file():
@@ -42,7 +51,7 @@ def test_the_backend_follows_the_model_file():
         "torch", "onnxruntime", "tensorrt", "tensorrt"]
     with pytest.raises(ValueError, match=r"model files end in \['.engine', '.onnx', '.pkl', '.plan', '.pth'\]"):
         backend_for("model.pt")
-    assert serving.HandlerSettings.from_mapping({}).backend is None  # null: follow the archived file
+    assert serve_worker.HandlerSettings.from_mapping({}).backend is None  # null: follow the archived file
 
 
 def test_a_backend_refuses_a_model_file_for_another(onnx_export, low_floor_run):
@@ -101,21 +110,21 @@ def test_tensorrt_backend_says_what_is_missing(tmp_path):
 
 def test_the_server_runs_an_onnx_export(onnx_export, real_data):
     body = next((real_data / "train_images").glob("*.jpg")).read_bytes()
-    model = serving.ServingModel.load(onnx_export, "model.onnx")
+    model = serve_worker.ServingModel.load(onnx_export, "model.onnx")
     assert isinstance(model.predictor.backend, OnnxRuntimeBackend)
     [record] = model.predict([decode_image(body)])
     assert (record["height"], record["width"]) == (256, 1600) and set(record["classes"]) == {"1", "2", "3", "4"}
     with pytest.raises(ValueError, match="backend 'torch' cannot run model.onnx"):
-        serving.ServingModel.load(onnx_export, "model.onnx", handler_block={"backend": "torch"})
+        serve_worker.ServingModel.load(onnx_export, "model.onnx", handler_block={"backend": "torch"})
 
 
 def test_archive_accepts_an_onnx_export(onnx_export, tmp_path):
-    path = serving.archive(onnx_export, tmp_path / "store")
+    path = serve_archive.archive(onnx_export, tmp_path / "store")
     with zipfile.ZipFile(path) as mar:
         names = set(mar.namelist())
     assert {"model.onnx", "config.yaml", "handler.py", "model-config.yaml"} <= names
     assert "model_final.pth" not in names
     pinned = tmp_path / "torch-config.yaml"
-    pinned.write_text(serving.MODEL_CONFIG_FILE.read_text().replace("backend: null", "backend: torch"))
+    pinned.write_text(severstal.serve.MODEL_CONFIG_FILE.read_text().replace("backend: null", "backend: torch"))
     with pytest.raises(ValueError, match="sets backend 'torch', which cannot run model.onnx"):
-        serving.archive(onnx_export, tmp_path / "other", model_config=pinned)
+        serve_archive.archive(onnx_export, tmp_path / "other", model_config=pinned)

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from severstal import bench
-from severstal.bench import bench_convert, decode_with_loop, format_table, pixel_instances
+from severstal.bench import format_table, latency_stats
+from severstal.bench.convert import bench_convert, decode_with_loop, pixel_instances
 from severstal.cli import main
-from severstal.instances import rle_to_instances
-from severstal.rle import rle_to_mask
+from severstal.data.instances import rle_to_instances
+from severstal.data.rle import rle_to_mask
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_cli_bench_convert_prints_a_table_and_the_ratio(real_csv, capsys):
 
 
 def test_cli_bench_convert_without_real_data_asks_for_a_csv(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(bench, "REAL_TRAIN_CSV", tmp_path / "absent.csv")
+    monkeypatch.setenv("SEVERSTAL_REAL_DATA", str(tmp_path / "absent"))
     assert main(["bench", "convert"]) == 2
     assert "pass --csv TRAIN_CSV" in capsys.readouterr().err
 
@@ -87,3 +87,12 @@ def test_cli_bench_predict_times_every_backend_on_the_same_images(low_floor_run,
     assert main(["bench", "predict", "--weights", str(low_floor_run), "--images", str(real_data / "train_images"),
                  "--backends", "torch,openvino"]) == 2
     assert "unknown backend 'openvino'" in capsys.readouterr().err
+
+
+def test_latency_stats_interpolate_percentiles_and_count_throughput_by_wall_time():
+    stats = latency_stats([0.4, 0.1, 0.2, 0.3], wall=0.5)
+    assert stats == {"n": 4, "p50": pytest.approx(0.25), "p95": pytest.approx(0.385), "p99": pytest.approx(0.397),
+                     "mean": pytest.approx(0.25), "images_per_s": pytest.approx(8.0)}
+    assert latency_stats([0.5, 0.25])["images_per_s"] == pytest.approx(1 / 0.375)  # one after another
+    with pytest.raises(ValueError, match="no latencies"):
+        latency_stats([])

@@ -1,4 +1,4 @@
-"""severstal.coco: the real CSV converted to COCO files that pycocotools loads, checked mask for mask."""
+"""severstal.data.coco: the real CSV converted to COCO files that pycocotools loads, checked mask for mask."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from severstal.cli import main
-from severstal.coco import convert_to_coco
-from severstal.rle import rle_to_mask
+from severstal.data.coco import convert_to_coco
+from severstal.data.rle import rle_to_mask
 
 
 @pytest.fixture(scope="module")

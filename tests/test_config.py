@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from severstal.config import (NAMED_CONFIGS, THRESHOLDS_FILE, get_severstal_cfg, load_bundle, resolve_config,
-                              use_scratch_weights)
+from severstal.model.config import (
+    NAMED_CONFIGS,
+    THRESHOLDS_FILE,
+    get_severstal_cfg,
+    load_bundle,
+    resolve_config,
+    use_scratch_weights,
+)
 
 
 @pytest.mark.parametrize("name", sorted(NAMED_CONFIGS))
@@ -67,7 +73,8 @@ def test_bundle_reloads_config_and_applies_tuned_thresholds(scratch_run, tmp_pat
     run.mkdir()
     for name in ("config.yaml", "model_final.pth"):
         (run / name).write_bytes((scratch_run / name).read_bytes())
-    (run / THRESHOLDS_FILE).write_text(json.dumps({"score_thresholds": [0.3, 0.4, 0.5, 0.6], "min_areas": [5, 6, 7, 8]}))
+    tuned = {"score_thresholds": [0.3, 0.4, 0.5, 0.6], "min_areas": [5, 6, 7, 8]}
+    (run / THRESHOLDS_FILE).write_text(json.dumps(tuned))
     tuned = load_bundle(run)
     assert list(tuned.cfg.SEVERSTAL.SCORE_THRESHOLDS) == [0.3, 0.4, 0.5, 0.6]
     assert list(tuned.cfg.SEVERSTAL.MIN_AREAS) == [5, 6, 7, 8]

@@ -1,4 +1,4 @@
-"""severstal.datasets: Detectron2 dicts from the real data, explicit registration, the stratified split."""
+"""severstal.data.datasets: Detectron2 dicts from the real data, explicit registration, the stratified split."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from pycocotools import mask as mask_util
 
-from severstal.annotations import read_annotations
-from severstal.datasets import (
+from severstal.data.annotations import read_annotations
+from severstal.data.datasets import (
     THING_CLASSES,
     data_root,
     load_severstal_dicts,
@@ -20,7 +20,7 @@ from severstal.datasets import (
     split_image_ids,
     unregister,
 )
-from severstal.rle import rle_to_mask
+from severstal.data.rle import rle_to_mask
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_loader_takes_a_list_of_images_and_checks_it(real_data, real_csv):
 def test_nothing_registers_at_import():
     from detectron2.data import DatasetCatalog
 
-    assert "severstal.datasets" in sys.modules
+    assert "severstal.data.datasets" in sys.modules
     assert not [name for name in DatasetCatalog.list() if name.startswith("severstal")]
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: the Dice evaluator agrees with severstal.metrics, tuning finds the right thresholds."""
+"""Evaluation: the Dice evaluator agrees with severstal.data.dice, tuning finds the right thresholds."""
 
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ import pandas as pd
 import pytest
 from detectron2.data import DatasetCatalog
 
-from severstal.annotations import read_train_csv
-from severstal.config import load_bundle
-from severstal.datasets import register_data_dir, unregister
-from severstal.evaluation import (MIN_AREA_GRID, SCORE_GRID, DiceEvaluator, ImageDetections, detections_to_instances,
-                                  evaluate, records_frame, tune_thresholds)
-from severstal.images import read_image
-from severstal.metrics import mean_dice
-from severstal.predict import Detections, Predictor
-from severstal.rle import mask_to_rle
+from severstal.data.annotations import read_train_csv
+from severstal.data.datasets import register_data_dir, unregister
+from severstal.data.dice import dice_per_class, mean_dice
+from severstal.data.images import read_image
+from severstal.data.rle import mask_to_rle
+from severstal.model.config import load_bundle
+from severstal.model.evaluation import (
+    MIN_AREA_GRID,
+    SCORE_GRID,
+    DiceEvaluator,
+    ImageDetections,
+    detections_to_instances,
+    evaluate,
+    records_frame,
+    tune_thresholds,
+)
+from severstal.model.predict import Detections, Predictor
 
 
 def _box_detection(image_id, specs, shape=(256, 1600)):
@@ -89,3 +97,26 @@ def test_evaluate_with_tuning_reports_the_documented_keys_and_saves_thresholds(t
     assert list(load_bundle(run).cfg.SEVERSTAL.MIN_AREAS) == results["min_areas"]
     for name in ("dice_per_class.png", "threshold_curves.png", "evaluation.json"):
         assert (run / "eval" / name).stat().st_size > 0
+
+
+def test_tuning_reports_the_dice_that_prediction_gets_with_the_same_thresholds(low_floor_run, synthetic_data):
+    """Tuning (on COCO RLEs) and prediction (on pixel masks) apply one class-mask rule: same thresholds, same Dice."""
+    bundle = load_bundle(low_floor_run, device="cpu")
+    predictor = Predictor(bundle.cfg)
+    truth = read_train_csv(synthetic_data / "train.csv")
+    ids = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[:12]
+    images = [read_image(synthetic_data / "train_images" / i) for i in ids]
+    detections = [ImageDetections.from_detections(i, d) for i, d in zip(ids, predictor.detect(images))]
+    score_grid, area_grid = (0.001, 0.003, 0.01, 0.03), (0, 100, 1000)
+    tuned = tune_thresholds(detections, truth, score_grid=score_grid, min_area_grid=area_grid)
+
+    def predicted_dice(thresholds, min_areas):
+        bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS = list(thresholds)
+        bundle.cfg.SEVERSTAL.MIN_AREAS = list(min_areas)
+        return dice_per_class(records_frame(ids, predictor.predict(images)), truth, ids)
+
+    chosen = predicted_dice(tuned["score_thresholds"], tuned["min_areas"])
+    assert chosen == pytest.approx(tuned["dice_per_class"])
+    loosest = predicted_dice([score_grid[0]] * 4, [area_grid[0]] * 4)
+    assert loosest == pytest.approx({c: tuned["curves"][c][score_grid[0]][0] for c in loosest})
+    assert any(r["classes"][c] for r in predictor.predict(images) for c in r["classes"]), "nothing predicted"

@@ -10,13 +10,21 @@ import onnx
 import pytest
 import torch
 
-from severstal.backends import BackendUnavailable, OnnxRuntimeBackend, tensorrt_missing
-from severstal.config import load_bundle
-from severstal.export import (INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES, _simplify, _zero_safe_group_norm,
-                              export_onnx, export_tensorrt, read_metadata)
-from severstal.images import read_image
-from severstal.metrics import dice
-from severstal.predict import Predictor, TorchBackend
+from severstal.data.dice import dice
+from severstal.data.images import read_image
+from severstal.model.backends import BackendUnavailable, OnnxRuntimeBackend, tensorrt_missing
+from severstal.model.config import load_bundle
+from severstal.model.export import (
+    INPUT_NAME,
+    METADATA_KEYS,
+    OUTPUT_NAMES,
+    _simplify,
+    _zero_safe_group_norm,
+    export_onnx,
+    export_tensorrt,
+    read_metadata,
+)
+from severstal.model.predict import Predictor, TorchBackend
 
 TENSORRT_MISSING = tensorrt_missing()
 
@@ -133,7 +141,7 @@ def test_a_failing_simplifier_keeps_the_unsimplified_graph(monkeypatch, caplog):
 def test_images_without_detections_match_pytorch(trained_run, real_data, tmp_path):
     """With a score floor no detection reaches, the exported graph answers empty outputs like PyTorch
     (a GroupNorm mask head used to fail there in ONNX Runtime)."""
-    from severstal.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 
     run = tmp_path / "run"
     run.mkdir()
@@ -184,7 +192,7 @@ def test_tensorrt_export_says_what_is_missing(onnx_export, tmp_path, capsys):
 @pytest.mark.skipif(TENSORRT_MISSING is not None, reason=f"TensorRT engine tests need it: {TENSORRT_MISSING}")
 @pytest.mark.parametrize("fp16", [False, True])
 def test_tensorrt_engine_matches_pytorch(onnx_export, low_floor_run, real_data, tmp_path, fp16):
-    from severstal.backends import TensorRTBackend
+    from severstal.model.backends import TensorRTBackend
 
     engine = export_tensorrt(onnx_export / "model.onnx", tmp_path, fp16=fp16)
     assert engine.name == "model.engine" and load_bundle(tmp_path, device="cuda").weights == engine

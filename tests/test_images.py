@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from severstal.images import MAX_PIXELS, ImageError, decode_image, read_image
+from severstal.data.images import MAX_PIXELS, ImageError, decode_image, read_image
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:

@@ -1,4 +1,4 @@
-"""severstal.instances: connected components from runs equal OpenCV's on pixels, record for record."""
+"""severstal.data.instances: connected components from runs equal OpenCV's on pixels, record for record."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from pycocotools import mask as mask_util
 
-from severstal.instances import rle_to_instances, rles_to_instances
-from severstal.rle import mask_to_rle, rle_to_mask
+from severstal.data.instances import rle_to_instances, rles_to_instances
+from severstal.data.rle import mask_to_rle, rle_to_mask
 
 
 def expected_instances(mask: np.ndarray, class_id: int, connectivity: int, min_area: int = 0) -> list[dict]:

@@ -1,4 +1,4 @@
-"""severstal.plots: every figure function writes a readable, non-empty PNG of a sensible size."""
+"""severstal.viz.plots: every figure function writes a readable, non-empty PNG of a sensible size."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from severstal import explore, plots
-from severstal.evaluation import ScoredImage
-from severstal.rle import mask_to_rle
+from severstal.data.rle import mask_to_rle
+from severstal.model.evaluation import ScoredImage
+from severstal.viz import plots
+from severstal.viz import stats as data_stats
 
 
 def _png(path, min_width=300):
@@ -21,12 +22,12 @@ def _png(path, min_width=300):
 
 @pytest.fixture(scope="module")
 def synthetic(synthetic_data):
-    return explore.load_dataset(synthetic_data)
+    return data_stats.load_dataset(synthetic_data)
 
 
 @pytest.fixture(scope="module")
 def stats(synthetic):
-    return explore.mask_statistics(synthetic.masks)
+    return data_stats.mask_statistics(synthetic.masks)
 
 
 def test_class_balance_and_classes_per_image(tmp_path):
@@ -38,20 +39,20 @@ def test_class_balance_and_classes_per_image(tmp_path):
 
 def test_area_instance_and_position_figures(synthetic, stats, tmp_path):
     _png(plots.plot_defect_areas(stats, tmp_path / "areas.png"))
-    _png(plots.plot_instances_per_image(explore.image_statistics(stats), stats, tmp_path / "instances.png"))
-    _png(plots.plot_defect_positions(explore.defect_heatmaps(synthetic.masks), tmp_path / "positions.png"))
+    _png(plots.plot_instances_per_image(data_stats.image_statistics(stats), stats, tmp_path / "instances.png"))
+    _png(plots.plot_defect_positions(data_stats.defect_heatmaps(synthetic.masks), tmp_path / "positions.png"))
 
 
 def test_overlays_of_examples_keep_the_image_aspect(synthetic, tmp_path):
-    examples = explore.pick_examples(synthetic, per_class=1)
+    examples = data_stats.pick_examples(synthetic, per_class=1)
     path = plots.plot_examples(examples, tmp_path / "examples.png", "Examples", ncols=1, panel_width=8.0)
     width, height = _png(path)
     assert height > 4 * width * 256 / 1600  # four panels, none squashed
-    _png(plots.plot_examples(explore.pick_defect_free(synthetic, 2), tmp_path / "free.png", "Defect-free"))
+    _png(plots.plot_examples(data_stats.pick_defect_free(synthetic, 2), tmp_path / "free.png", "Defect-free"))
 
 
 def test_answers_and_gallery_draw_masks_and_boxes(synthetic, tmp_path):
-    example = explore.pick_examples(synthetic, per_class=1)[3][0]
+    example = data_stats.pick_examples(synthetic, per_class=1)[3][0]
     mask = np.zeros((256, 1600), np.uint8)
     mask[50:120, 200:500] = 1
     answer = {"height": 256, "width": 1600, "classes": {"1": "", "2": "", "3": mask_to_rle(mask), "4": ""},

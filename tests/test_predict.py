@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from severstal import CLASS_IDS
-from severstal.annotations import read_submission
-from severstal.predict import Detections, Predictor, RawOutput, _merge, _unflip, make_record, predict_folder
-from severstal.rle import rle_to_mask
+from severstal.data.annotations import read_submission
+from severstal.data.rle import rle_to_mask
+from severstal.model.predict import Detections, Predictor, RawOutput, _merge, _unflip, make_record, predict_folder
 
 
 def _detections(specs, shape=(256, 1600)) -> Detections:
@@ -77,7 +77,7 @@ def test_merge_of_two_views_averages_matches_and_halves_lone_detections():
 def test_scratch_model_answers_in_the_contract(scratch_run, real_data):
     predictor = Predictor.from_weights(scratch_run, device="cpu")
     path = next((real_data / "train_images").glob("*.jpg"))
-    from severstal.images import read_image
+    from severstal.data.images import read_image
 
     image = read_image(path)
     small = image[:128, :800].copy()

@@ -1,4 +1,4 @@
-"""severstal.rle: the Kaggle RLE as an exact inverse on real strings, against slow references, and its errors."""
+"""severstal.data.rle: the Kaggle RLE as an exact inverse on real strings, against slow references, and its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pycocotools import mask as mask_util
 
 from severstal import IMAGE_HEIGHT, IMAGE_WIDTH
-from severstal.rle import (
+from severstal.data.rle import (
     RLEError,
     coco_rle_to_kaggle,
     kaggle_to_coco_rle,

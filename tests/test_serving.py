@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from severstal import serving
-from severstal.rle import rle_to_mask
+import severstal.serve
+from severstal.data.rle import rle_to_mask
+from severstal.serve import archive as serve_archive
+from severstal.serve import server as serve_server
+from severstal.serve import worker as serve_worker
 
 ANSWER_KEYS = {"height", "width", "defects", "classes"}
 DEFECT_KEYS = {"class_id", "score", "bbox", "area", "rle"}
@@ -91,7 +94,7 @@ def start_batch(context, requests: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def handler(scratch_run):
     """The project's handler class, loaded from torchserve/handler.py and initialised on the scratch run."""
-    spec = importlib.util.spec_from_file_location("severstal_ts_handler", serving.HANDLER_FILE)
+    spec = importlib.util.spec_from_file_location("severstal_ts_handler", severstal.serve.HANDLER_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     instance = module.SeverstalHandler()
@@ -142,12 +145,12 @@ def test_batch_of_two_real_images_gives_two_answers_in_the_contract(handler, scr
         check_answer(answer, 256, 1600)
     assert sum(len(a["defects"]) for a in answers) > 0, "the scratch model's low thresholds should give defects"
     # The handler answers exactly what the package's predictor answers for the same images.
-    from severstal.images import decode_image
+    from severstal.data.images import decode_image
 
     assert answers == handler.serving_model.predictor.predict([decode_image(j) for j in jpegs])
     for i in range(2):
         assert context.get_response_content_type(i) == "application/json"
-        assert context.get_response_headers(i)[serving.BATCH_HEADER] == "2"
+        assert context.get_response_headers(i)[serve_worker.BATCH_HEADER] == "2"
 
 
 def test_bad_inputs_fail_alone_and_the_good_ones_in_the_batch_succeed(handler, scratch_run, jpegs, bad_inputs):
@@ -188,16 +191,17 @@ def test_the_handler_emits_its_inference_metrics(handler, scratch_run, jpegs, ca
     # The worker prints these lines; TorchServe's frontend turns them into Prometheus gauges.
     lines = {r.getMessage().removeprefix("[METRICS]").split(".", 1)[0]: r.getMessage().removeprefix("[METRICS]")
              for r in caplog.records}
-    assert f"{serving.BATCH_METRIC}.Count:3|#ModelName:severstal,Level:Model" in lines[serving.BATCH_METRIC]
-    timing = lines[serving.INFERENCE_METRIC]
-    assert timing.startswith(f"{serving.INFERENCE_METRIC}.Milliseconds:")
+    assert f"{serve_worker.BATCH_METRIC}.Count:3|#ModelName:severstal,Level:Model" in lines[serve_worker.BATCH_METRIC]
+    timing = lines[serve_worker.INFERENCE_METRIC]
+    assert timing.startswith(f"{serve_worker.INFERENCE_METRIC}.Milliseconds:")
     assert float(timing.split(":", 1)[1].split("|")[0]) > 0
 
 
 def test_the_handler_block_overrides_what_was_saved_with_the_weights(scratch_run, jpegs):
-    from severstal.images import decode_image
+    from severstal.data.images import decode_image
 
-    model = serving.ServingModel.load(scratch_run, handler_block={"score_thresholds": [1.0] * 4, "max_detections": 5})
+    block = {"score_thresholds": [1.0] * 4, "max_detections": 5}
+    model = serve_worker.ServingModel.load(scratch_run, handler_block=block)
     assert model.device == "cpu"
     assert list(model.predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS) == [1.0] * 4
     assert model.predictor.cfg.TEST.DETECTIONS_PER_IMAGE == 5
@@ -215,15 +219,15 @@ def test_the_handler_block_overrides_what_was_saved_with_the_weights(scratch_run
 ])
 def test_handler_settings_are_validated_early(block, words):
     with pytest.raises(ValueError) as err:
-        serving.HandlerSettings.from_mapping(block)
+        serve_worker.HandlerSettings.from_mapping(block)
     assert words in str(err.value)
 
 
 def test_the_shipped_model_config_is_valid():
     import yaml
 
-    config = yaml.safe_load(serving.MODEL_CONFIG_FILE.read_text())
-    settings = serving.HandlerSettings.from_mapping(config["handler"])
+    config = yaml.safe_load(severstal.serve.MODEL_CONFIG_FILE.read_text())
+    settings = serve_worker.HandlerSettings.from_mapping(config["handler"])
     assert settings.backend in (None, "torch") and settings.fp16 is False  # None: follow the archived model file
     # Served answers equal the bare model's: nothing overrides what was saved with the weights by default.
     assert settings.score_thresholds is None and settings.min_areas is None and settings.max_detections is None
@@ -235,13 +239,13 @@ def test_device_follows_gpu_id_only_when_cuda_is_there(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert serving.select_device(None) == "cpu" and serving.select_device(0) == "cpu"
+    assert serve_worker.select_device(None) == "cpu" and serve_worker.select_device(0) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert serving.select_device(1) == "cuda:1" and serving.select_device(None) == "cpu"
+    assert serve_worker.select_device(1) == "cuda:1" and serve_worker.select_device(None) == "cpu"
 
 
 def test_shipped_server_properties_are_safe_defaults():
-    props = serving.read_properties(serving.PROPERTIES_FILE)
+    props = serve_server.read_properties(severstal.serve.PROPERTIES_FILE)
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:"), key
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
@@ -256,7 +260,7 @@ def test_server_properties_bind_management_and_grpc_to_loopback_and_limit_urls_t
     import re
 
     store = tmp_path / "model store"
-    props = serving.server_properties(store, "0.0.0.0", 9100, token_auth=True)
+    props = serve_server.server_properties(store, "0.0.0.0", 9100, token_auth=True)
     assert props["inference_address"] == "http://0.0.0.0:9100"
     assert props["management_address"] == "http://127.0.0.1:9101"
     assert props["metrics_address"] == "http://0.0.0.0:9102"
@@ -265,8 +269,8 @@ def test_server_properties_bind_management_and_grpc_to_loopback_and_limit_urls_t
     assert props["disable_token_authorization"] == "false"
     # allowed_urls survives the properties file's escaping and matches only archives of the store.
     path = tmp_path / "config.properties"
-    serving.write_properties(props, path)
-    allowed = re.compile(serving.read_properties(path)["allowed_urls"])
+    serve_server.write_properties(props, path)
+    allowed = re.compile(serve_server.read_properties(path)["allowed_urls"])
     assert allowed.fullmatch(f"file://{store}/severstal.mar")
     assert not allowed.fullmatch(f"file://{tmp_path}/other/severstal.mar")
     assert not allowed.fullmatch("https://example.com/severstal.mar")
@@ -274,26 +278,26 @@ def test_server_properties_bind_management_and_grpc_to_loopback_and_limit_urls_t
 
 def test_archive_refuses_bad_names_and_runs_without_config(tmp_path, scratch_run):
     with pytest.raises(ValueError, match="model name"):
-        serving.archive(scratch_run, tmp_path, name="../evil")
+        serve_archive.archive(scratch_run, tmp_path, name="../evil")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model_final.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        serving.archive(tmp_path / "run", tmp_path)
+        serve_archive.archive(tmp_path / "run", tmp_path)
 
 
 def test_free_port_block_gives_consecutive_free_ports():
-    base = serving.free_port_block(6)
-    assert all(serving._port_free("127.0.0.1", p) for p in range(base, base + 6))
+    base = serve_server.free_port_block(6)
+    assert all(serve_server._port_free("127.0.0.1", p) for p in range(base, base + 6))
 
 
 def test_token_authorization_is_on_for_anything_reachable_from_outside(tmp_path):
-    assert serving.resolve_token_auth("0.0.0.0", None) is True
-    assert serving.resolve_token_auth("192.168.1.5", None) is True
-    assert serving.resolve_token_auth("127.0.0.1", None) is False
-    assert serving.resolve_token_auth("127.0.0.1", True) is True
+    assert serve_server.resolve_token_auth("0.0.0.0", None) is True
+    assert serve_server.resolve_token_auth("192.168.1.5", None) is True
+    assert serve_server.resolve_token_auth("127.0.0.1", None) is False
+    assert serve_server.resolve_token_auth("127.0.0.1", True) is True
     keys = {"management": {"key": "m-key"}, "inference": {"key": "i-key"}, "API": {"key": "a-key"}}
-    (tmp_path / serving.KEY_FILE).write_text(json.dumps(keys))
-    server = serving.Server(process=None, run_dir=tmp_path, host="0.0.0.0", port=9100, token_auth=True)
+    (tmp_path / serve_server.KEY_FILE).write_text(json.dumps(keys))
+    server = serve_server.Server(process=None, run_dir=tmp_path, host="0.0.0.0", port=9100, token_auth=True)
     assert server.headers() == {"Authorization": "Bearer i-key"}
     assert server.headers("management") == {"Authorization": "Bearer m-key"}
     assert server.predictions_url() == "http://127.0.0.1:9100/predictions/severstal"

@@ -12,8 +12,8 @@ from PIL import Image
 
 from severstal import CLASS_IDS, IMAGE_HEIGHT, IMAGE_WIDTH
 from severstal.cli import main
-from severstal.rle import rle_to_mask
-from severstal.synth import DEFECT_FREE_FRACTION, _image_id, make_synthetic_dataset, make_synthetic_image
+from severstal.data.rle import rle_to_mask
+from severstal.data.synth import DEFECT_FREE_FRACTION, _image_id, make_synthetic_dataset, make_synthetic_image
 
 N_IMAGES = 60
 MIN_CONTRAST = 15.0

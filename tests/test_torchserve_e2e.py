@@ -15,9 +15,12 @@ import psutil
 import pytest
 import requests
 from PIL import Image
-
-from severstal import serving
 from test_serving import check_answer, encode, patched_png
+
+from severstal.serve import archive as serve_archive
+from severstal.serve import client as serve_client
+from severstal.serve import server as serve_server
+from severstal.serve import worker as serve_worker
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_run(scratch_run, tmp_path_factory):
     """The scratch run with at most 10 detections per image: small answers keep the test fast on a CPU."""
-    from severstal.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 
     folder = tmp_path_factory.mktemp("small_run")
     cfg = get_severstal_cfg(scratch_run / CONFIG_FILE, ["TEST.DETECTIONS_PER_IMAGE", "10"])
@@ -37,14 +40,14 @@ def small_run(scratch_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_store(small_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
-    mar = serving.archive(small_run, store, name="severstal", version="1.0")
+    mar = serve_archive.archive(small_run, store, name="severstal", version="1.0")
     assert mar == store / "severstal.mar" and mar.stat().st_size > 1_000_000
     return store
 
 
 @pytest.fixture(scope="module")
 def server(model_store, tmp_path_factory):
-    with serving.running_server(model_store, port=0, run_dir=tmp_path_factory.mktemp("torchserve_run"),
+    with serve_server.running_server(model_store, port=0, run_dir=tmp_path_factory.mktemp("torchserve_run"),
                                 startup_timeout=120) as running:
         yield running
 
@@ -77,12 +80,12 @@ def test_a_real_image_as_raw_body_and_as_multipart_data(server, jpeg):
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/json"
         check_answer(response.json(), 256, 1600)
-    assert raw.json() == multipart.json() == serving.post_image(server.predictions_url(), jpeg)
+    assert raw.json() == multipart.json() == serve_client.post_image(server.predictions_url(), jpeg)
 
 
 def test_post_image_raises_the_servers_message(server):
     with pytest.raises(RuntimeError, match="answered 400: empty request body"):
-        serving.post_image(server.predictions_url(), b"")
+        serve_client.post_image(server.predictions_url(), b"")
 
 
 def test_bad_inputs_answer_4xx_and_the_worker_stays_up(server, jpeg):
@@ -128,19 +131,19 @@ def test_concurrent_requests_are_batched(server, jpeg):
     with ThreadPoolExecutor(n) as pool:
         responses = list(pool.map(post, range(n)))
     assert [r.status_code for r in responses] == [200] * n
-    sizes = [int(r.headers[serving.BATCH_HEADER]) for r in responses]
+    sizes = [int(r.headers[serve_worker.BATCH_HEADER]) for r in responses]
     assert max(sizes) > 1, sizes
 
 
 def test_metrics_show_the_handler_metrics(server):
     text = requests.get(server.metrics_url, timeout=10).text
-    for name in (serving.INFERENCE_METRIC, serving.BATCH_METRIC):
+    for name in (serve_worker.INFERENCE_METRIC, serve_worker.BATCH_METRIC):
         assert f'{name}{{ModelName="severstal"' in text, name
     assert "ts_inference_requests_total" in text
 
 
 def test_bench_serve_against_the_server(server, real_data, small_run):
-    from severstal.bench import bench_serve
+    from severstal.bench.serve import bench_serve
 
     r = bench_serve(server.predictions_url(), real_data / "train_images", concurrency=2, requests=5,
                     weights=small_run)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from severstal.config import load_bundle
-from severstal.train import check_pretrained_weights, setup_cfg
+from severstal.model.config import load_bundle
+from severstal.model.train import check_pretrained_weights, setup_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_offline_download_of_pretrained_weights_says_what_to_do(synthetic_data, 
 
 
 def test_several_processes_without_gpus_are_refused(synthetic_data, tmp_path):
-    from severstal.train import train
+    from severstal.model.train import train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -1,0 +1,118 @@
+"""Names of the project's files and folders, the data roots, and atomic writes: one copy for every stage.
+
+A data folder is laid out as Kaggle ships it (``train.csv`` + ``train_images/``). A training run folder holds
+what every later stage needs: the weights, ``config.yaml``, ``split.json`` and, after tuning,
+``thresholds.json``; ``severstal export`` writes a folder of the same shape around ``model.onnx`` or
+``model.engine``. Every file the project writes is written atomically: a reader never sees half a file,
+and an interrupted write leaves the old one in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# A data folder in Kaggle's layout.
+TRAIN_CSV = "train.csv"
+TRAIN_IMAGES = "train_images"
+TEST_IMAGES = "test_images"
+DATA_ROOT_ENV = "SEVERSTAL_DATA"
+DEFAULT_DATA_ROOT = "datasets/severstal"
+
+# A training run folder.
+WEIGHTS_FILE = "model_final.pth"
+CONFIG_FILE = "config.yaml"
+SPLIT_FILE = "split.json"
+THRESHOLDS_FILE = "thresholds.json"
+METRICS_FILE = "metrics.json"
+EVALUATION_DIR = "eval"
+EVALUATION_FILE = "evaluation.json"
+
+# Exported models (``severstal export``).
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+MODEL_FILES = (WEIGHTS_FILE, ONNX_FILE, ENGINE_FILE)
+"""Model files a folder may hold, in the order a folder is searched: a training run's weights, then the
+files of ``severstal export`` (ONNX, TensorRT)."""
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+"""Valid backend names (``severstal.model.backends``): ``severstal predict --backend``, the handler's ``backend``."""
+MODEL_SUFFIXES = {".pth": "torch", ".pkl": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt",
+                  ".plan": "tensorrt"}
+"""The backend each model file type runs on."""
+
+# The real competition sample beside the repository (../shared/data/severstal-real), used by tests,
+# benchmarks and figures when present; $SEVERSTAL_REAL_DATA points elsewhere.
+REAL_DATA_ENV = "SEVERSTAL_REAL_DATA"
+REAL_MASKS_CSV = "train_partial_newformat.csv"
+"""The real sample's masks: 4,908 of the 7,095 real masks, in the later format."""
+REAL_LABELS_CSV = "train_labels_per_image.csv"
+"""The real sample's per-image class table: ``ImageId,class1..class4,n_defect_classes,rle_known``."""
+
+
+def data_root() -> Path:
+    """The default data folder: ``$SEVERSTAL_DATA``, else ``datasets/severstal``."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def real_data_root() -> Path:
+    """The real sample's folder: ``$SEVERSTAL_REAL_DATA``, else ``shared/data/severstal-real`` beside the checkout."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "severstal-real"
+    return Path(os.environ.get(REAL_DATA_ENV) or default)
+
+
+def model_file_in(folder: str | Path) -> Path:
+    """The model file of a run or export folder: the first of :data:`MODEL_FILES` there (else the first name)."""
+    folder = Path(folder)
+    return next((folder / name for name in MODEL_FILES if (folder / name).is_file()), folder / MODEL_FILES[0])
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; it becomes ``path`` when the block succeeds.
+
+    On an error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name that is not created here, so that the file gets the usual permissions (mkstemp's are 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def check_backend(name: str) -> str:
+    """Return ``name`` if it is a backend; otherwise raise ValueError listing the valid ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {list(BACKENDS)}")
+    return name
+
+
+def backend_for(model_file: str | Path) -> str:
+    """The backend a model file runs on, from its suffix (``.pth`` torch, ``.onnx`` onnxruntime,
+    ``.engine``/``.plan`` tensorrt); ValueError for any other suffix."""
+    suffix = Path(model_file).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"cannot tell the backend of {model_file}: model files end in {sorted(MODEL_SUFFIXES)}")
+    return MODEL_SUFFIXES[suffix]

@@ -1,0 +1,329 @@
+"""Evaluation: the competition's mean Dice (a Detectron2 evaluator), COCO AP, and threshold tuning.
+
+Mean Dice counts every (image, class) pair, empty ones included, and scores an empty pair predicted
+empty as 1: false positives on defect-free pairs cost most, so per-class score thresholds and minimum
+areas are tuned on the validation split to maximise it (:func:`tune_thresholds`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pycocotools.mask as mask_util
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from severstal import CLASS_IDS
+from severstal.data.annotations import read_train_csv
+from severstal.data.datasets import register_data_dir, unregister
+from severstal.data.dice import dice_from_areas, dice_per_image, dice_table
+from severstal.data.images import read_image
+from severstal.data.rle import coco_rle_to_kaggle, kaggle_to_coco_rle
+from severstal.files import EVALUATION_DIR, EVALUATION_FILE, THRESHOLDS_FILE, TRAIN_CSV, TRAIN_IMAGES, write_text_atomic
+from severstal.model.backends import make_backend
+from severstal.model.config import load_bundle
+from severstal.model.predict import Detections, Predictor, class_instances, keeps_class_mask, make_record
+from severstal.viz.plots import plot_dice_per_class, plot_threshold_curves
+
+log = logging.getLogger(__name__)
+
+SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_AREA_GRID = (0, 50, 100, 200, 400, 800, 1200, 1600, 2400, 3200)
+
+
+@dataclass
+class ImageDetections:
+    """:class:`Detections` of one image kept compact for tuning: masks as COCO RLE."""
+
+    image_id: str
+    det: Detections
+    rles: list = field(default_factory=list)
+
+    @classmethod
+    def from_detections(cls, image_id: str, det: Detections) -> ImageDetections:
+        rles = mask_util.encode(np.asfortranarray(det.masks.transpose(1, 2, 0).astype(np.uint8)))
+        empty = np.zeros((0, det.height, det.width), dtype=bool)
+        compact = Detections(det.height, det.width, det.boxes, det.scores, det.class_ids, empty)
+        return cls(image_id, compact, list(rles))
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        return self.det.class_ids
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.det.scores
+
+    def to_detections(self) -> Detections:
+        masks = mask_util.decode(self.rles).transpose(2, 0, 1).astype(bool) if self.rles else self.det.masks
+        return Detections(self.det.height, self.det.width, self.det.boxes, self.det.scores, self.det.class_ids, masks)
+
+
+def instances_to_detections(instances, height: int, width: int) -> Detections:
+    """Detectron2 ``Instances`` (post-processed, original size) -> :class:`Detections`."""
+    instances = instances.to("cpu")
+    return Detections(
+        height=height,
+        width=width,
+        boxes=instances.pred_boxes.tensor.numpy().astype(np.float32),
+        scores=instances.scores.numpy().astype(np.float32),
+        class_ids=instances.pred_classes.numpy().astype(np.int64) + 1,
+        masks=instances.pred_masks.numpy().astype(bool),
+    )
+
+
+def truth_frame(dataset_dicts: list[dict]) -> pd.DataFrame:
+    """Per-class Kaggle RLE truth (``ImageId, ClassId, EncodedPixels``) from Detectron2 dataset dicts."""
+    rows = []
+    for d in dataset_dicts:
+        by_class: dict[int, list] = {}
+        for ann in d["annotations"]:
+            by_class.setdefault(ann["category_id"] + 1, []).append(ann["segmentation"])
+        for class_id, segs in sorted(by_class.items()):
+            rles = [dict(s, counts=s["counts"].encode()) if isinstance(s["counts"], str) else s for s in segs]
+            rows.append((d["image_id"], class_id, coco_rle_to_kaggle(mask_util.merge(rles))))
+    return pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+
+
+def records_frame(image_ids: list[str], records: list[dict]) -> pd.DataFrame:
+    """Predicted per-class RLE (``ImageId, ClassId, EncodedPixels``, non-empty only) from records."""
+    rows = [(i, int(c), rle) for i, r in zip(image_ids, records) for c, rle in r["classes"].items() if rle]
+    return pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+
+
+class DiceEvaluator(DatasetEvaluator):
+    """The competition's mean Dice over every (image, class) pair of a registered Severstal split.
+
+    Predictions go through the same :func:`severstal.model.predict.make_record` as prediction and serving,
+    with the config's per-class thresholds. Results: ``mean_dice``, ``dice_class_<k>``,
+    ``dice_nonempty`` and ``empty_baseline`` (the score of predicting nothing at all).
+    """
+
+    def __init__(self, dataset_name: str, cfg):
+        self.dataset_name = dataset_name
+        self.score_thresholds = list(cfg.SEVERSTAL.SCORE_THRESHOLDS)
+        self.min_areas = list(cfg.SEVERSTAL.MIN_AREAS)
+        self.reset()
+
+    def reset(self):
+        self.records: dict[str, dict] = {}
+        self.detections: list[ImageDetections] = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            det = instances_to_detections(out["instances"], inp["height"], inp["width"])
+            self.records[inp["image_id"]] = make_record(det, self.score_thresholds, self.min_areas)
+            self.detections.append(ImageDetections.from_detections(inp["image_id"], det))
+
+    def evaluate(self):
+        comm.synchronize()
+        records = {k: v for part in comm.gather(self.records, dst=0) for k, v in part.items()}
+        self.detections = list(itertools.chain(*comm.gather(self.detections, dst=0)))
+        if not comm.is_main_process():
+            return {}
+        truth = truth_frame(DatasetCatalog.get(self.dataset_name))
+        ids = sorted(records)
+        table = dice_table(records_frame(ids, [records[i] for i in ids]), truth, ids)
+        empty = dice_table(truth.iloc[0:0], truth, ids)
+        results = {"mean_dice": table["mean_dice"], "dice_nonempty": table["dice_nonempty"],
+                   "empty_baseline": empty["mean_dice"]}
+        results.update({f"dice_class_{c}": table["dice_per_class"][c] for c in CLASS_IDS})
+        return OrderedDict(dice=results)
+
+    def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame) -> dict:
+        """The Dice table of the stored detections under other thresholds (after :meth:`evaluate`)."""
+        ids = [d.image_id for d in self.detections]
+        records = [make_record(d.to_detections(), score_thresholds, min_areas) for d in self.detections]
+        return dice_table(records_frame(ids, records), truth, ids)
+
+
+def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shape=(256, 1600),
+                    score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID) -> dict:
+    """Per class, the score threshold and minimum area that maximise mean Dice on these images.
+
+    Classes are independent in mean Dice, so each is tuned alone over the grid.
+
+    Returns:
+        ``{"score_thresholds": [4 floats], "min_areas": [4 ints], "curves": {class: {threshold: [dice per
+        min area]}}, "dice_per_class": {class: best dice}}``.
+    """
+
+    truth_rles = {(r.ImageId, int(r.ClassId)): kaggle_to_coco_rle(r.EncodedPixels, shape) for r in truth.itertuples()}
+    result = {"score_thresholds": [], "min_areas": [], "curves": {}, "dice_per_class": {}}
+    for class_id in CLASS_IDS:
+        curves = {}
+        best = (-1.0, score_grid[0], min_area_grid[0])
+        for t in score_grid:
+            inter, pred, true = [], [], []
+            for d in detections:
+                chosen = [d.rles[i] for i in class_instances(d.class_ids, d.scores, class_id, t)]
+                union = mask_util.merge(chosen) if chosen else None
+                gt = truth_rles.get((d.image_id, class_id))
+                pred.append(int(mask_util.area(union)) if union else 0)
+                true.append(int(mask_util.area(gt)) if gt else 0)
+                inter.append(int(mask_util.area(mask_util.merge([union, gt], intersect=True))) if union and gt else 0)
+            inter, pred, true = map(np.asarray, (inter, pred, true))
+            row = []
+            for min_area in min_area_grid:
+                kept = keeps_class_mask(pred, min_area)
+                row.append(float(dice_from_areas(inter * kept, pred * kept, true).mean()))
+            curves[t] = row
+            j = int(np.argmax(row))
+            if row[j] > best[0]:
+                best = (row[j], t, min_area_grid[j])
+        result["score_thresholds"].append(best[1])
+        result["min_areas"].append(best[2])
+        result["curves"][class_id] = curves
+        result["dice_per_class"][class_id] = best[0]
+    return result
+
+
+def save_thresholds(tuned: dict, folder: str | Path) -> Path:
+    """Write ``thresholds.json`` next to the weights, atomically."""
+
+    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "dice_per_class")}
+    return write_text_atomic(Path(folder) / THRESHOLDS_FILE, json.dumps(saved, indent=1))
+
+
+def detections_to_instances(det: Detections):
+    """:class:`Detections` -> Detectron2 ``Instances`` (what Detectron2's evaluators consume)."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    instances = Instances((det.height, det.width))
+    instances.pred_boxes = Boxes(torch.as_tensor(det.boxes))
+    instances.scores = torch.as_tensor(det.scores)
+    instances.pred_classes = torch.as_tensor(det.class_ids - 1)
+    instances.pred_masks = torch.as_tensor(det.masks)
+    return instances
+
+
+def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir: str | Path | None = None,
+             tune: bool = False, tta: bool = False, batch_size: int = 4, predictor=None) -> dict:
+    """Evaluate a training run on its validation split: mean Dice, per-class Dice, COCO AP.
+
+    Args:
+        weights: the run's weights file or output folder (``config.yaml`` and ``split.json`` beside it).
+        data_dir: the data folder (Kaggle layout); default: the one the run was trained on.
+        output_dir: where COCO results, ``evaluation.json`` and plots go; default ``<run>/eval``.
+        tune: pick per-class score thresholds and minimum areas on this split and save them next to
+            the weights (``thresholds.json``) for prediction and serving.
+        tta: merge flipped views (the config's ``SEVERSTAL.TTA_FLIPS``).
+        predictor: a ready :class:`severstal.model.predict.Predictor` (another backend); default: PyTorch.
+
+    Returns:
+        ``mean_dice``, ``dice_per_class``, ``dice_nonempty``, ``empty_baseline``, ``segm_AP``, ``bbox_AP``,
+        ``images``, and with ``tune`` the chosen ``score_thresholds`` / ``min_areas`` and the Dice before
+        tuning (``mean_dice_untuned``).
+    """
+    from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+    from tqdm import tqdm
+
+
+    bundle = load_bundle(weights)
+    cfg = bundle.cfg
+    data_dir = Path(data_dir or cfg.SEVERSTAL.DATA_DIR)
+    output_dir = Path(output_dir or bundle.folder / EVALUATION_DIR)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictor = predictor or Predictor(cfg, backend=make_backend(None, cfg), tta=tta)
+    name = "severstal_eval"
+    split = register_data_dir(data_dir, None, name, image_ids=bundle.val_image_ids or None)
+    try:
+        dicts = DatasetCatalog.get(name)
+        dice_eval = DiceEvaluator(name, cfg)
+        evaluators = DatasetEvaluators([
+            dice_eval,
+            COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, output_dir=str(output_dir),
+                          use_fast_impl=False),
+        ])
+        evaluators.reset()
+        for start in tqdm(range(0, len(dicts), batch_size), desc="evaluate", unit="batch"):
+            batch = dicts[start : start + batch_size]
+            dets = predictor.detect([read_image(d["file_name"]) for d in batch])
+            evaluators.process(batch, [{"instances": detections_to_instances(d)} for d in dets])
+        raw = evaluators.evaluate()
+        truth = truth_frame(dicts)
+    finally:
+        unregister(name)
+    dice = raw["dice"]
+    results = {
+        "mean_dice": dice["mean_dice"],
+        "dice_per_class": {str(c): dice[f"dice_class_{c}"] for c in CLASS_IDS},
+        "dice_nonempty": dice["dice_nonempty"],
+        "empty_baseline": dice["empty_baseline"],
+        "segm_AP": float(raw.get("segm", {}).get("AP", float("nan"))),
+        "bbox_AP": float(raw.get("bbox", {}).get("AP", float("nan"))),
+        "images": len(split["val"]),
+    }
+    if tune:
+        tuned = tune_thresholds(dice_eval.detections, truth)
+        save_thresholds(tuned, bundle.folder)
+        table = dice_eval.rescore(tuned["score_thresholds"], tuned["min_areas"], truth)
+        results["mean_dice_untuned"] = results["mean_dice"]
+        results["mean_dice"] = table["mean_dice"]
+        results["dice_per_class"] = {str(c): table["dice_per_class"][c] for c in CLASS_IDS}
+        results["dice_nonempty"] = table["dice_nonempty"]
+        results["score_thresholds"] = tuned["score_thresholds"]
+        results["min_areas"] = tuned["min_areas"]
+        plot_threshold_curves(tuned["curves"], MIN_AREA_GRID, output_dir / "threshold_curves.png")
+    plot_dice_per_class(results, output_dir / "dice_per_class.png")
+    write_text_atomic(output_dir / EVALUATION_FILE, json.dumps(results, indent=1))
+    return results
+
+
+class ScoredImage(NamedTuple):
+    """One predicted image with its Dice: what a gallery of the best or worst images shows.
+
+    Attributes:
+        image_id: the ImageId.
+        path: its file.
+        dice: mean Dice of its four (image, class) pairs.
+        truth: class id -> Kaggle RLE of the true masks.
+        record: the predicted answer (:func:`severstal.model.predict.make_record`).
+    """
+
+    image_id: str
+    path: Path
+    dice: float
+    truth: dict
+    record: dict
+
+
+def score_images(weights: str | Path, data_dir: str | Path | None = None, image_ids: list[str] | None = None,
+                 predictor=None, batch_size: int = 4) -> list[ScoredImage]:
+    """Predict images of a data folder and score each with the competition's Dice, worst first.
+
+    Args:
+        weights: a training run's weights file or folder (its tuned thresholds apply when saved).
+        data_dir: the data folder (Kaggle layout); default: the one the run was trained on.
+        image_ids: the images to score; default: the run's validation split.
+        predictor: a ready :class:`severstal.model.predict.Predictor`; default: PyTorch from ``weights``.
+
+    Returns:
+        :class:`ScoredImage` s sorted by Dice, lowest first (ties by ImageId).
+    """
+
+    bundle = load_bundle(weights)
+    data_dir = Path(data_dir or bundle.cfg.SEVERSTAL.DATA_DIR)
+    image_ids = list(image_ids if image_ids is not None else bundle.val_image_ids)
+    if not image_ids:
+        raise ValueError(f"no images to score: {bundle.folder} has no validation split; pass image_ids")
+    predictor = predictor or Predictor(bundle.cfg, backend=make_backend(None, bundle.cfg))
+    paths = [data_dir / TRAIN_IMAGES / i for i in image_ids]
+    records = {path.name: record for path, record in predictor.predict_files(paths, batch_size=batch_size)}
+    truth = read_train_csv(data_dir / TRAIN_CSV)
+    truth = truth[truth["ImageId"].isin(image_ids)]
+    scores = dice_per_image(records_frame(image_ids, [records[i] for i in image_ids]), truth, image_ids)
+    true_rles = {i: dict(zip(g["ClassId"].astype(int), g["EncodedPixels"])) for i, g in truth.groupby("ImageId")}
+    scored = [ScoredImage(i, p, float(d), true_rles.get(i, {}), records[i])
+              for i, p, d in zip(image_ids, paths, scores["mean_dice"])]
+    return sorted(scored, key=lambda s: (s.dice, s.image_id))

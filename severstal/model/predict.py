@@ -1,0 +1,272 @@
+"""Prediction: image -> Mask R-CNN -> instances -> per-class masks -> Kaggle RLE records.
+
+The pipeline is split so that every backend (PyTorch, ONNX Runtime, TensorRT) shares the same pre- and
+post-processing and differs only in running the network:
+
+    preprocess (decode, resize)  ->  backend.run  ->  postprocess (rescale boxes, flip-merge, paste masks)
+    ->  Detections  ->  make_record (score thresholds, minimum areas, RLE)
+
+A record is the REST answer for one image (see DESIGN.md)::
+
+    {"height": 256, "width": 1600,
+     "defects": [{"class_id": 3, "score": 0.97, "bbox": [x0, y0, x1, y1], "area": 5123, "rle": "..."}],
+     "classes": {"1": "", "2": "", "3": "<Kaggle RLE>", "4": ""}}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.layers import batched_nms, paste_masks_in_image
+from detectron2.structures import Boxes, pairwise_iou
+from tqdm import tqdm
+
+from severstal import CLASS_IDS
+from severstal.data.annotations import list_images, write_submission
+from severstal.data.images import read_image
+from severstal.data.rle import mask_to_rle
+from severstal.model.backends import Backend, RawOutput, TorchBackend, make_backend
+from severstal.model.config import ModelBundle, load_bundle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Detections:
+    """Instances of one image at its original size, before thresholds.
+
+    Attributes:
+        height, width: the original image size.
+        boxes: (N, 4) float32 XYXY in pixels of the original image.
+        scores: (N,) float32.
+        class_ids: (N,) int64, Kaggle class ids 1..4.
+        masks: (N, height, width) bool.
+    """
+
+    height: int
+    width: int
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    masks: np.ndarray
+
+
+class Predictor:
+    """Predicts Severstal records from images with any backend and the config's thresholds.
+
+    Args:
+        cfg: a Severstal config (``severstal.model.config``) with ``SEVERSTAL`` thresholds.
+        backend: runs the network; default: the PyTorch model from ``cfg.MODEL.WEIGHTS``.
+        tta: apply the config's ``SEVERSTAL.TTA_FLIPS``.
+    """
+
+    def __init__(self, cfg, backend: Backend | None = None, tta: bool = False):
+        self.cfg = cfg
+        self.backend = backend if backend is not None else TorchBackend(cfg)
+        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        self.flips = list(cfg.SEVERSTAL.TTA_FLIPS) if tta else []
+        self.score_floor = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+
+    @classmethod
+    def from_weights(cls, weights_or_folder: str | Path, device: str | None = None, tta: bool = False,
+                     backend: str | None = None) -> Predictor:
+        """A predictor for a run's weights, an exported model (``.onnx``, ``.engine``) or their folder.
+
+        Args:
+            backend: "torch", "onnxruntime" or "tensorrt" (``severstal.model.backends``); default: the one the
+                model file runs on.
+        """
+        bundle: ModelBundle = load_bundle(weights_or_folder, device=device)
+        return cls(bundle.cfg, backend=make_backend(backend, bundle.cfg), tta=tta)
+
+    @property
+    def thresholds(self) -> tuple[list[float], list[int]]:
+        """Per-class score thresholds and minimum areas (classes 1..4)."""
+        return list(self.cfg.SEVERSTAL.SCORE_THRESHOLDS), list(self.cfg.SEVERSTAL.MIN_AREAS)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 BGR -> (3, H', W') float32 tensor at the network's input size."""
+        resized = self.resize.get_transform(image).apply_image(image)
+        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+
+    def detect(self, images: Sequence[np.ndarray], min_scores: Sequence[float] | None = None) -> list[Detections]:
+        """All instances above the config's score floor, at each image's original size.
+
+        Args:
+            images: (H, W, 3) uint8 BGR arrays; sizes may differ.
+            min_scores: per class 1..4, also drop instances below their class's score before their masks are
+                pasted (``predict`` passes its thresholds: pasting masks that ``make_record`` drops is wasted).
+        """
+        tensors = [self.preprocess(image) for image in images]
+        raws = self.backend.run(tensors)
+        for flip in self.flips:
+            dim = 2 if flip == "horizontal" else 1
+            flipped = self.backend.run([t.flip(dim) for t in tensors])
+            raws = [_merge(raw, _unflip(f, t.shape[1:], flip), self.cfg.SEVERSTAL.TTA_MERGE_IOU)
+                    for raw, f, t in zip(raws, flipped, tensors)]
+        return [self.postprocess(raw, t.shape[1:], image.shape[:2], min_scores)
+                for raw, t, image in zip(raws, tensors, images)]
+
+    def postprocess(self, raw: RawOutput, input_hw: tuple[int, int], original_hw: tuple[int, int],
+                    min_scores: Sequence[float] | None = None) -> Detections:
+        """Rescale boxes to the original image and paste the instance masks there (see :meth:`detect`)."""
+        keep = raw.scores >= self.score_floor
+        if min_scores is not None:
+            keep &= raw.scores >= torch.as_tensor(min_scores, dtype=raw.scores.dtype)[raw.classes]
+        boxes = raw.boxes[keep].clone()
+        height, width = int(original_hw[0]), int(original_hw[1])
+        boxes[:, 0::2] *= width / input_hw[1]
+        boxes[:, 1::2] *= height / input_hw[0]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        if len(boxes):
+            masks = paste_masks_in_image(
+                raw.mask_probs[keep], Boxes(boxes), (height, width), threshold=self.cfg.SEVERSTAL.MASK_THRESHOLD
+            ).numpy()
+        else:
+            masks = np.zeros((0, height, width), dtype=bool)
+        return Detections(
+            height=height,
+            width=width,
+            boxes=boxes.numpy().astype(np.float32),
+            scores=raw.scores[keep].numpy().astype(np.float32),
+            class_ids=raw.classes[keep].numpy().astype(np.int64) + 1,
+            masks=masks,
+        )
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[dict]:
+        """Records (the REST answer) for a batch of (H, W, 3) uint8 BGR images."""
+        thresholds, min_areas = self.thresholds
+        return [make_record(d, thresholds, min_areas) for d in self.detect(images, min_scores=thresholds)]
+
+    def predict_files(self, paths: Iterable[Path], batch_size: int = 4,
+                      progress: bool = True) -> Iterator[tuple[Path, dict]]:
+        """Yield ``(path, record)`` for image files, in batches, with a progress bar."""
+        paths = list(paths)
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start : start + batch_size]
+                yield from zip(chunk, self.predict([read_image(p) for p in chunk]))
+                bar.update(len(chunk))
+
+
+def _unflip(raw: RawOutput, input_hw: tuple[int, int], flip: str) -> RawOutput:
+    """Map detections made on a flipped input back to the unflipped input."""
+    boxes = raw.boxes.clone()
+    if flip == "horizontal":
+        boxes[:, [0, 2]] = input_hw[1] - raw.boxes[:, [2, 0]]
+        masks = raw.mask_probs.flip(2)
+    else:
+        boxes[:, [1, 3]] = input_hw[0] - raw.boxes[:, [3, 1]]
+        masks = raw.mask_probs.flip(1)
+    return RawOutput(boxes=boxes, scores=raw.scores, classes=raw.classes, mask_probs=masks)
+
+
+def _merge(a: RawOutput, b: RawOutput, iou: float) -> RawOutput:
+    """Merge two views' detections: per-class NMS, then each kept detection takes the mean score and
+    mask of the detections it overlaps (same class, IoU > ``iou``); one view's lone detection is halved."""
+    boxes = torch.cat([a.boxes, b.boxes])
+    scores = torch.cat([a.scores, b.scores])
+    classes = torch.cat([a.classes, b.classes])
+    masks = torch.cat([a.mask_probs, b.mask_probs])
+    if len(boxes) == 0:
+        return a
+    keep = batched_nms(boxes, scores, classes, iou)
+    overlap = pairwise_iou(Boxes(boxes[keep]), Boxes(boxes)) > iou
+    overlap &= classes[keep][:, None] == classes[None, :]
+    weights = overlap.float() / 2.0  # two views: a detection seen once scores half
+    return RawOutput(
+        boxes=boxes[keep],
+        scores=(weights @ scores).clamp(max=1.0),
+        classes=classes[keep],
+        mask_probs=torch.einsum("kn,nij->kij", weights, masks) / weights.sum(1).clamp(min=1e-6)[:, None, None],
+    )
+
+
+def class_instances(class_ids: np.ndarray, scores: np.ndarray, class_id: int, score_threshold: float) -> np.ndarray:
+    """Indices of the instances whose union is class ``class_id``'s mask: that class, scoring at least the threshold.
+
+    With :func:`keeps_class_mask`, the one rule that turns detections into a class mask: prediction
+    (:func:`make_record`) and threshold tuning (``severstal.model.evaluation.tune_thresholds``) both use it.
+    """
+    return np.flatnonzero((class_ids == class_id) & (scores >= score_threshold))
+
+
+def keeps_class_mask(area, min_area: int):
+    """Whether a class mask of ``area`` pixels (an int or an array of them) is kept rather than emptied.
+
+    A mask is kept when it is non-empty and has at least ``min_area`` pixels: a false mask on an empty
+    (image, class) pair costs a whole Dice point, so small ones are dropped.
+    """
+    return np.asarray(area) >= max(int(min_area), 1)
+
+
+def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: Sequence[int]) -> dict:
+    """The answer for one image: instances above their class's score threshold, and per-class masks.
+
+    A class mask is the union of its kept instances (:func:`class_instances`); when :func:`keeps_class_mask`
+    says no, it is emptied together with its instances.
+    """
+    defects, classes = [], {}
+    for index, class_id in enumerate(CLASS_IDS):
+        chosen = class_instances(det.class_ids, det.scores, class_id, score_thresholds[index])
+        union = det.masks[chosen].any(axis=0) if len(chosen) else None
+        if union is None or not keeps_class_mask(int(union.sum()), min_areas[index]):
+            classes[str(class_id)] = ""
+            continue
+        classes[str(class_id)] = mask_to_rle(union)
+        for i in chosen:
+            area = int(det.masks[i].sum())
+            if area:
+                defects.append({
+                    "class_id": class_id,
+                    "score": round(float(det.scores[i]), 4),
+                    "bbox": [round(float(v), 1) for v in det.boxes[i]],
+                    "area": area,
+                    "rle": mask_to_rle(det.masks[i]),
+                })
+    defects.sort(key=lambda d: -d["score"])
+    return {"height": det.height, "width": det.width, "defects": defects, "classes": classes}
+
+
+def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt: str = "new", tta: bool = False,
+                   overlays: str | Path | None = None, batch_size: int = 4, predictor: Predictor | None = None,
+                   backend: str | None = None) -> dict:
+    """Predict every image of a folder and write a Kaggle submission with every (image, class) pair.
+
+    Args:
+        weights: a training run's weights file or folder, or an exported model (ignored when ``predictor`` is given).
+        images: folder of JPEG/PNG images.
+        out: submission CSV path, written atomically.
+        fmt: "new" (``ImageId,EncodedPixels,ClassId``) or "old" (``ImageId_ClassId,EncodedPixels``).
+        tta: merge horizontally/vertically flipped views.
+        overlays: folder for PNGs of the predicted masks over each image.
+        backend: "torch", "onnxruntime" or "tensorrt"; default: the one ``weights`` runs on.
+
+    Returns:
+        ``images``, ``masks`` (non-empty class masks), ``masks_per_class``, ``submission`` path.
+    """
+    import pandas as pd
+
+    from severstal.viz.plots import save_overlay  # matplotlib, only for overlays
+
+    predictor = predictor or Predictor.from_weights(weights, tta=tta, backend=backend)
+    paths = [Path(images) / name for name in list_images(images)]
+    if not paths:
+        raise FileNotFoundError(f"no images in {images}")
+    rows = []
+    for path, record in predictor.predict_files(paths, batch_size=batch_size):
+        rows += [(path.name, int(c), rle) for c, rle in record["classes"].items() if rle]
+        if overlays:
+            save_overlay(read_image(path), record, Path(overlays) / f"{path.stem}.png", title=path.name)
+    frame = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+    write_submission(frame, out, image_ids=[p.name for p in paths], fmt=fmt)
+    counts = frame["ClassId"].value_counts()
+    return {"images": len(paths), "masks": len(frame),
+            "masks_per_class": {str(c): int(counts.get(c, 0)) for c in CLASS_IDS}, "submission": str(out)}

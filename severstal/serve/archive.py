@@ -1,0 +1,81 @@
+"""The ``.mar`` archive: weights, config, thresholds, the handler and ``model-config.yaml``, packed with
+torch-model-archiver. The TorchServe files come from the installed package (:data:`severstal.serve.TORCHSERVE_DIR`),
+so archiving works from a wheel as well as from a checkout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from severstal.files import CONFIG_FILE, THRESHOLDS_FILE, backend_for, model_file_in
+from severstal.serve import HANDLER_FILE, MODEL_CONFIG_FILE, torchserve_file
+from severstal.serve.worker import HandlerSettings
+
+log = logging.getLogger(__name__)
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", version: str = "1.0",
+            model_config: str | Path | None = None) -> Path:
+    """Build ``out_dir/NAME.mar`` with torch-model-archiver.
+
+    The archive holds the weights, the run's ``config.yaml`` (and ``thresholds.json`` when present), the
+    handler and ``model-config.yaml``; the handler imports the installed ``severstal`` package. An exported
+    ``model.onnx`` (``severstal export``) is archived the same way and served with ONNX Runtime unless the
+    handler block's ``backend`` says otherwise.
+
+    Args:
+        weights: a weights file or exported model, or its folder (``severstal.model.config.MODEL_FILES``).
+        out_dir: the model store to write to (created).
+        name: the model name, the ``/predictions/NAME`` path.
+        version: the model version.
+        model_config: default ``torchserve/model-config.yaml``.
+
+    Returns:
+        The path of the archive.
+    """
+
+    weights = Path(weights)
+    if weights.is_dir():
+        weights = model_file_in(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no weights at {weights}")
+    config = weights.parent / CONFIG_FILE
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: a training run saves it next to its weights")
+    if not _MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    model_config = Path(model_config) if model_config else MODEL_CONFIG_FILE
+    backend = _check_model_config(model_config).backend
+    if backend is not None and backend != backend_for(weights):
+        raise ValueError(f"{model_config} sets backend {backend!r}, which cannot run {weights.name} "
+                         f"(a {backend_for(weights)!r} model): set backend to null or {backend_for(weights)!r}")
+    extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "model_archiver.model_packaging",
+           "--model-name", name, "--version", str(version),
+           "--serialized-file", str(weights), "--handler", str(torchserve_file(HANDLER_FILE)),
+           "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(model_config),
+           "--export-path", str(out_dir), "--force"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+    path = out_dir / f"{name}.mar"
+    log.info("archived %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def _check_model_config(path: Path) -> HandlerSettings:
+    """The handler settings of model-config.yaml; fails before archiving when it is unreadable or wrong."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    return HandlerSettings.from_mapping(loaded.get("handler"))

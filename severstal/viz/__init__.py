@@ -1,0 +1,1 @@
+"""Viz: dataset statistics (``stats``) and the figures drawn from them and from runs (``plots``)."""
