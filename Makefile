@@ -11,13 +11,14 @@ PIP_VERSION := 26.2.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: help install java demo test bench graphs clean
+.PHONY: help install java demo test bench graphs gpu-check clean
 
 help:
 	@echo "make demo    synthetic data -> train -> evaluate -> predict -> archive -> serve (installs first)"
 	@echo "make test    ruff, then the test suite (installs first)"
 	@echo "make bench   severstal bench convert: RLE -> COCO instances vs the pixel pipeline, real masks"
 	@echo "make graphs  figures of the real sample (graphs/, images/), with the demo's run when there is one"
+	@echo "make gpu-check  on an NVIDIA GPU: GPU tests and one table (train AMP, fp16, TorchServe, ONNX Runtime, TensorRT)"
 	@echo "make install only the virtual environment .venv"
 
 install: java $(STAMP)
@@ -53,6 +54,12 @@ bench: install
 # Figures of the real sample (graphs/) and the README's pictures (images/); with the demo's run when there is one.
 graphs: install
 	$(VENV)/bin/severstal plots --out graphs --images-out images $$(test -d $(DEMO_DIR)/run && echo --run $(DEMO_DIR)/run)
+
+# The GPU path in one command, at most 8 minutes. An offline GPU machine brings its own .venv (README: what to
+# carry), so an existing .venv is used as it is and only a missing one is installed.
+gpu-check:
+	test -x $(PY) || $(MAKE) install
+	timeout 600 $(VENV)/bin/severstal bench gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache $(DEMO_DIR)

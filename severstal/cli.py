@@ -91,9 +91,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for weights, config, metrics")
     parser.add_argument("--scratch", action="store_true", help="start from random weights (no download)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine, one process each (NCCL)")
+    parser.add_argument("--num-processes", type=int,
+                        help="instead of GPUs: CPU processes per machine (torch.distributed's gloo backend)")
     parser.add_argument("--num-machines", type=int, default=1)
-    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--machine-rank", type=int, default=0, help="0 on the machine of --dist-url, 1.. elsewhere")
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
 
@@ -104,7 +106,7 @@ def _train(args: argparse.Namespace) -> None:
 
     weights = train(args.data, args.config, args.output, args.opts, resume=args.resume, scratch=args.scratch,
                     num_gpus=args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                    dist_url=args.dist_url)
+                    dist_url=args.dist_url, num_processes=args.num_processes)
     print(f"weights: {weights}")
 
 
@@ -139,26 +141,71 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
-    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--images", required=True,
+                        help="folder of images; with --ray also a glob or a URI (s3://bucket/images/)")
     parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
     parser.add_argument("--format", choices=("new", "old"), default="new",
                         help="new: ImageId,EncodedPixels,ClassId; old: ImageId_ClassId,EncodedPixels")
     parser.add_argument("--tta", action="store_true", help="merge horizontally and vertically flipped views")
     parser.add_argument("--overlays", type=Path, help="folder for PNG overlays of the predicted masks")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--backend", help="torch, onnxruntime or tensorrt (default: from the weights file: "
-                                          ".pth torch, .onnx onnxruntime, .engine tensorrt)")
+    parser.add_argument("--backend", help="torch, onnxruntime, openvino or tensorrt (default: from the weights "
+                                          "file: .pth torch, .onnx onnxruntime, .engine tensorrt)")
+    parser.add_argument("--precision", help="fp32, bf16 or fp16 where the backend has it (default: bf16 for torch on "
+                                            "a CPU with bf16 instructions, else fp32; or $SEVERSTAL_PRECISION)")
+    ray = parser.add_argument_group("Ray (pip install 'severstal[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="predict on Ray Data with a pool of model actors; no ADDRESS: a local Ray for this run; "
+                          "'auto' or HOST:6379: a cluster started with `ray start`")
+    ray.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 2 CPUs)")
+    ray.add_argument("--cpus-per-actor", type=float,
+                     help="CPUs each actor asks (fractions allowed; default: 1 with a GPU, else the CPUs shared out, "
+                          "some kept for reading)")
+    ray.add_argument("--gpus-per-actor", type=float, help="GPUs each actor asks (default: 1 where the cluster has "
+                                                          "GPUs, else 0)")
+    ray.add_argument("--parquet", help="also write the full records (boxes, scores, RLE) as Parquet into this folder")
 
 
-@command("predict", "Predict a folder of images and write a Kaggle submission.", _predict_arguments)
-def _predict(args: argparse.Namespace) -> None:
-    from severstal.model.predict import predict_folder
+@command("predict", "Predict images into a Kaggle submission (one process, or a Ray cluster with --ray). "
+         "Exit status 3: some files were unreadable (named on stderr; their masks are written empty).",
+         _predict_arguments)
+def _predict(args: argparse.Namespace) -> int:
+    from severstal.model.backends import describe_backend
+    from severstal.model.predict import EXIT_UNREADABLE, Predictor, predict_folder
 
-    s = predict_folder(args.weights, args.images, args.out, fmt=args.format, tta=args.tta, overlays=args.overlays,
-                       batch_size=args.batch_size, backend=args.backend)
+    if args.ray is None:
+        ray_only = [f"--{k.replace('_', '-')}" for k in ("actors", "cpus_per_actor", "gpus_per_actor", "parquet")
+                    if getattr(args, k) is not None]
+        if ray_only:
+            raise ValueError(f"{', '.join(ray_only)} need(s) --ray")
+        predictor = Predictor.from_weights(args.weights, tta=args.tta, backend=args.backend, precision=args.precision)
+        print(f"backend: {describe_backend(predictor.backend)}")
+        s = predict_folder(args.weights, args.images, args.out, fmt=args.format, overlays=args.overlays,
+                           batch_size=args.batch_size, predictor=predictor)
+    else:
+        if args.overlays:
+            raise ValueError("--overlays is not available with --ray")
+        from severstal.model.predict_ray import predict_ray
+
+        s = predict_ray(args.weights, args.images, args.out, address=args.ray, fmt=args.format, tta=args.tta,
+                        backend=args.backend, precision=args.precision, batch_size=args.batch_size, actors=args.actors,
+                        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                        parquet=args.parquet)
+        pool = s["pool"]
+        print(f"ray: {pool['actors']} actors x ({pool['cpus_per_actor']:g} CPU, {pool['gpus_per_actor']:g} GPU, "
+              f"{pool['threads']} threads), batch size {args.batch_size}; backend: {s['backend']}")
     per_class = ", ".join(f"class {c}: {n}" for c, n in s["masks_per_class"].items())
     print(f"{s['images']} images, {s['masks']} non-empty masks ({per_class})")
     print(f"submission: {s['submission']}")
+    if s.get("parquet"):
+        print(f"records: {s['parquet']} (Parquet)")
+    for item in s["unreadable"]:
+        print(f"severstal predict: unreadable: {item['error']}", file=sys.stderr)
+    if s["unreadable"]:
+        print(f"severstal predict: {len(s['unreadable'])} of {s['images']} images unreadable, written with empty "
+              f"masks; exit status {EXIT_UNREADABLE}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    return 0
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +228,8 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"{'mean Dice (val)':<22}{e['mean_dice']:>8.4f}{e['empty_baseline']:>11.4f}")
     for c, v in e["dice_per_class"].items():
         print(f"{'  class ' + c:<22}{v:>8.4f}")
-    print(f"{'mean Dice (held out)':<22}{r['predict']['holdout_dice']:>8.4f}")
+    held = r["predict"]
+    print(f"{'mean Dice (held out)':<22}{held['holdout_dice']:>8.4f}{held['holdout_empty_baseline']:>11.4f}")
     answer = r["serve"]["first_answer"]
     summary = [(d["class_id"], d["score"], d["area"]) for d in answer["defects"]]
     print(f"\nTorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
@@ -385,6 +433,56 @@ def _bench_serve(args: argparse.Namespace) -> int:
         print(f"serving overhead: p50 {r['overhead']:.2f}x bare (meaningful at --concurrency 1); "
               f"throughput {r['throughput_ratio']:.2f}x bare")
     print(f"errors: {r['errors']}" + (f" {r['error_statuses']}" if r["errors"] else ""))
+    print(f"load average at the end: {' '.join(map(str, r['load_average']))}")
+    if args.json:
+        print_json_line(r)
+    return 1 if r["errors"] else 0
+
+
+def _bench_soak_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True,
+                        help="predictions URL of a server on this machine, e.g. http://127.0.0.1:8080/predictions/severstal")
+    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post in turn")
+    parser.add_argument("--concurrency", type=int, default=8, help="clients posting at the same time (default 8)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--max-requests", type=int, help="stop after this many requests too")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples (default 5)")
+    parser.add_argument("--kill-worker-at", type=float,
+                        help="SIGKILL a worker this many seconds in: what the server fails, what the client loses")
+    parser.add_argument("--token", help="inference key when the server has token authorization on")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("soak", "Many clients for a long time against a server on this machine: latency, errors, memory.",
+           _bench_soak_arguments)
+def _bench_soak(args: argparse.Namespace) -> int:
+    from severstal.bench import format_table
+    from severstal.bench.soak import soak
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    r = soak(args.url, args.images, concurrency=args.concurrency, duration=args.duration,
+             max_requests=args.max_requests, headers=headers, sample_every=args.sample_every,
+             kill_worker_at=args.kill_worker_at)
+    print(f"soak: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']} "
+          f"in {r['duration_s']:.0f} s (load average at the end {' '.join(map(str, r['load_average']))})")
+    if r["latency"]:
+        print(format_table([{"answered": r["ok"], **r["latency"], "requests_per_s": r["requests_per_s"]}],
+                           [("answered", "d"), ("p50", ".3f"), ("p95", ".3f"), ("p99", ".3f"), ("mean", ".3f"),
+                            ("requests_per_s", ".2f")]))
+    print(f"errors: {r['errors']}" + (f" {r['error_statuses']}" if r["errors"] else "")
+          + (f"; retried by the client: {r['retried']}" if r["retried"] else ""))
+    print("resident memory (MB) of the server's processes:")
+    print(format_table(r["memory"], [("t", ".0f"), ("frontend_mb", ".0f"), ("workers_mb", ".0f"), ("total_mb", ".0f")]))
+    for label, growth in (("workers", r["worker_growth"]), ("all processes", r["total_growth"])):
+        if growth["percent"] is not None:
+            print(f"{label}: {growth['from_mb']:.0f} -> {growth['to_mb']:.0f} MB ({growth['percent']:+.1f}%), "
+                  f"second window of {growth['window_s']:.0f} s against the last")
+    if r["kill"]:
+        k = r["kill"]
+        back = "never" if k["answers_back_after_s"] is None else f"after {k['answers_back_after_s']:.1f} s"
+        print(f"worker {k['pid']} killed at {k['at_s']:.1f} s: {k['failed_at_server']} answers failed at the server "
+              f"{k['failed_statuses']}, {k['lost_by_client']} requests lost by the client, answers back {back}, "
+              f"new workers {k['new_worker_pids']}")
     if args.json:
         print_json_line(r)
     return 1 if r["errors"] else 0
@@ -413,13 +511,15 @@ def _bench_train(args: argparse.Namespace) -> None:
 
 def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="PyTorch reference: .pth weights or run folder")
-    parser.add_argument("--backends", default="torch,onnxruntime",
-                        help="comma-separated: torch, onnxruntime, tensorrt (torch always runs: it is the reference)")
+    parser.add_argument("--backends", default="all",
+                        help="comma-separated BACKEND[:PRECISION]: torch, torch:bf16, onnxruntime, openvino, "
+                             "openvino:bf16, tensorrt, ... (torch fp32 always runs: it is the reference); default all: "
+                             "every backend installed here, and bf16 where the CPU has bf16 instructions")
     parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images")
     parser.add_argument("--batch-size", type=int, default=1, help="images per call, the same for every backend")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
     parser.add_argument("--limit", type=int, default=16, help="use the first N images (0: all)")
-    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
+    parser.add_argument("--threads", type=int, help="CPU threads for every backend (default: PyTorch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--onnx", type=Path,
                         help="an existing export of --weights (default: export to a temporary folder)")
@@ -427,31 +527,131 @@ def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
-@benchmark("predict", "PyTorch vs ONNX Runtime vs TensorRT: same images, batches, pre- and post-processing.",
-           _bench_predict_arguments)
+@benchmark("predict", "Every backend and precision (PyTorch, ONNX Runtime, OpenVINO, TensorRT; fp32, bf16, fp16): "
+           "same images, batches, pre- and post-processing; Dice against PyTorch fp32.", _bench_predict_arguments)
 def _bench_predict(args: argparse.Namespace) -> int:
     from severstal.bench import format_table
     from severstal.bench.predict import bench_predict
     from severstal.model.backends import BackendUnavailable
 
     try:
-        r = bench_predict(args.weights, args.images, [b.strip() for b in args.backends.split(",") if b.strip()],
+        r = bench_predict(args.weights, args.images, args.backends,
                           batch_size=args.batch_size, repeats=args.repeats, limit=args.limit or None,
                           threads=args.threads, device=args.device, onnx=args.onnx, engine=args.engine)
     except BackendUnavailable as err:
         print(f"severstal bench predict: error: {err}", file=sys.stderr)
         return 2
+    load = r["load_average"]
     print(f"predict: {r['images']} images x {r['repeats']} passes, batch size {r['batch_size']}, "
-          f"{r['threads']} threads, {r['device']}, OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}; "
-          "p50 in ms per image; vs_torch = speed-up over PyTorch")
-    print(format_table(r["rows"], [("backend", ""), ("e2e_p50_ms", ".0f"), ("e2e_images_per_s", ".2f"),
-                                   ("e2e_vs_torch", ".2f"), ("net_p50_ms", ".0f"), ("net_images_per_s", ".2f"),
-                                   ("net_vs_torch", ".2f"), ("other_ms", ".0f"), ("dice_vs_torch", ".4f")]))
+          f"{r['threads']} threads, {r['device']}, OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}, "
+          f"CPU bf16 instructions: {'yes' if r['cpu_bf16'] else 'no'}, load average {load['before'][0]:.2f} -> "
+          f"{load['after'][0]:.2f}; p50 in ms per image; vs_torch = speed-up over PyTorch fp32")
+    print(format_table(r["rows"], [("backend", ""), ("precision", ""), ("e2e_p50_ms", ".0f"),
+                                   ("e2e_images_per_s", ".2f"), ("e2e_vs_torch", ".2f"), ("net_p50_ms", ".0f"),
+                                   ("net_images_per_s", ".2f"), ("net_vs_torch", ".2f"), ("other_ms", ".0f"),
+                                   ("dice_vs_torch", ".4f"), ("keeps_answers", ""), ("detections", "d")]))
     print("e2e: image bytes -> record with RLE; net: backend.run alone; other: e2e - net (decode, resize, "
-          "post-processing, RLE; shared by all backends)")
+          "post-processing, RLE; shared by all backends); dice_vs_torch: class masks against PyTorch fp32's "
+          "(keeps_answers: >= 0.99); detections: defects in all records")
     if args.json:
         print_json_line(r)
     return 0
+
+
+def _bench_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help=".pth weights or run folder")
+    parser.add_argument("--image", type=Path, required=True, help="one JPEG/PNG image")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (p50 per stage)")
+    parser.add_argument("--precision", default="fp32", help="fp32 or bf16 (the backbone in bfloat16)")
+    parser.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("profile", "Where one image's time goes: decode, resize, backbone, RPN, ROI heads, mask pasting, RLE.",
+           _bench_profile_arguments)
+def _bench_profile(args: argparse.Namespace) -> None:
+    from severstal.bench import format_table
+    from severstal.bench.profile import profile_predict
+
+    r = profile_predict(args.weights, args.image, repeats=args.repeats, precision=args.precision,
+                        threads=args.threads)
+    load = r["load_average"]
+    print(f"profile: {Path(r['image']).name}, PyTorch {r['precision']}, {r['threads']} threads, p50 of "
+          f"{r['repeats']}; {r['detections']} detections, {r['pasted']} pasted; load average "
+          f"{load['before'][0]:.2f} -> {load['after'][0]:.2f}")
+    print(format_table(r["stages"] + [{"stage": "total", "p50_ms": r["total_ms"], "share": 1.0}],
+                       [("stage", ""), ("p50_ms", ".1f"), ("share", ".1%")]))
+    if args.json:
+        print_json_line(r)
+
+
+def _bench_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
+    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images")
+    parser.add_argument("--limit", type=int, help="use the first N images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per call, the same on both sides")
+    parser.add_argument("--actors", type=int, help="Ray's model replicas (default: as severstal predict --ray)")
+    parser.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: as severstal predict --ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, taking turns; medians count")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("ray", "Images/s of prediction on a local Ray against one process: same images, model and batches.",
+           _bench_ray_arguments)
+def _bench_ray(args: argparse.Namespace) -> None:
+    from severstal.bench import format_table
+    from severstal.bench.ray import bench_ray
+
+    r = bench_ray(args.weights, args.images, batch_size=args.batch_size, limit=args.limit, actors=args.actors,
+                  cpus_per_actor=args.cpus_per_actor, num_cpus=args.num_cpus, repeats=args.repeats)
+    pool = r["pool"]
+    print(f"ray: {r['images']} images, batch size {r['batch_size']}, median of {r['repeats']}; single process "
+          f"{r['threads']} threads; "
+          f"ray {pool['actors']} actors x ({pool['cpus_per_actor']:g} CPU, {pool['threads']} threads); "
+          f"local Ray started in {r['ray_start_s']:.1f} s")
+    print(format_table(r["rows"], [("method", ""), ("images", "d"), ("seconds", ".1f"), ("images_per_s", ".2f"),
+                                   ("vs_single", ".2f")]))
+    before, after = r["load_average"]["before"], r["load_average"]["after"]
+    print(f"ray steady / single: {r['ratio']:.2f} (overhead {100 * (1 - r['ratio']):.0f}%); identical submissions: "
+          f"{'yes' if r['identical'] else 'no'}; load average before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
+          f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")
+    if args.json:
+        print_json_line(r)
+
+
+def _bench_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu: runs every step's code without a GPU")
+    parser.add_argument("--quick", action="store_true", help="small config, 2 iterations, 4 images, a few requests")
+    parser.add_argument("--weights", type=Path,
+                        help="a trained run to predict, serve and export (default: the model the train step leaves)")
+    parser.add_argument("--images", type=Path, help="folder of real images (default: the real sample's train_images)")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
+    parser.add_argument("--no-tests", dest="tests", action="store_false", help="skip pytest -m gpu")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+@benchmark("gpu", "The GPU path: GPU tests, training with AMP, fp32/fp16 prediction, TorchServe on gpu_id, "
+           "ONNX Runtime CUDA and TensorRT, in one table (make gpu-check).", _bench_gpu_arguments)
+def _bench_gpu(args: argparse.Namespace) -> int:
+    import logging
+
+    from severstal.bench import format_table
+    from severstal.bench.gpu import CheckSettings, gpu_check
+
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.budget <= 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {args.budget}")
+    logging.basicConfig(level=logging.WARNING, format="severstal bench gpu: %(message)s")
+    r = gpu_check(CheckSettings(device=args.device, quick=args.quick, weights=args.weights, images=args.images,
+                                budget_s=args.budget, run_tests=args.tests))
+    print(f"gpu check: {r['gpu'] or 'no GPU'}, torch {r['torch']} (CUDA {r['cuda']}), device {r['device']}"
+          f"{', quick' if r['quick'] else ''}, {r['seconds']:.0f} s")
+    print(format_table(r["rows"], [("step", ""), ("what", ""), ("result", ""), ("status", "")]))
+    if args.json:
+        print_json_line(r)
+    return 0 if r["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
     submission = stage("predict", predict_folder, weights, holdout / TRAIN_IMAGES, out / "submission.csv",
                        overlays=out / "overlays")
-    submission["holdout_dice"] = holdout_dice(out / "submission.csv", holdout / TRAIN_CSV)
+    submission["holdout_dice"], submission["holdout_empty_baseline"] = holdout_dice(out / "submission.csv",
+                                                                                   holdout / TRAIN_CSV)
     mar = stage("archive", archive, weights, out / "model_store")
     served = stage("serve", serve_and_post, mar.parent, sorted((holdout / TRAIN_IMAGES).iterdir())[:s.served_images],
                    out / "serve")
@@ -84,13 +85,15 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     return report
 
 
-def holdout_dice(submission: Path, truth_csv: Path) -> float:
-    """Mean Dice of a submission against the true masks of its images (none of them seen in training)."""
+def holdout_dice(submission: Path, truth_csv: Path) -> tuple[float, float]:
+    """Mean Dice of a submission against the true masks of its images (none of them seen in training), and the
+    Dice of the all-empty submission on the same images (the score a model must beat)."""
     from severstal.data.annotations import read_submission, read_train_csv  # pandas: imported when used
     from severstal.data.dice import mean_dice
 
-    predicted = read_submission(submission)
-    return mean_dice(predicted.frame, read_train_csv(truth_csv), predicted.image_ids)
+    predicted, truth = read_submission(submission), read_train_csv(truth_csv)
+    return (mean_dice(predicted.frame, truth, predicted.image_ids),
+            mean_dice(truth.iloc[0:0], truth, predicted.image_ids))
 
 
 def serve_and_post(model_store: Path, images: list[Path], run_dir: Path) -> dict:

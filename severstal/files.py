@@ -38,11 +38,23 @@ MODEL_FILES = (WEIGHTS_FILE, ONNX_FILE, ENGINE_FILE)
 """Model files a folder may hold, in the order a folder is searched: a training run's weights, then the
 files of ``severstal export`` (ONNX, TensorRT)."""
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 """Valid backend names (``severstal.model.backends``): ``severstal predict --backend``, the handler's ``backend``."""
 MODEL_SUFFIXES = {".pth": "torch", ".pkl": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt",
                   ".plan": "tensorrt"}
-"""The backend each model file type runs on."""
+"""The backend each model file type runs on when none is asked for and none is faster (see ``BACKEND_SUFFIXES``)."""
+BACKEND_SUFFIXES = {"torch": (".pth", ".pkl"), "onnxruntime": (".onnx",), "openvino": (".onnx",),
+                    "tensorrt": (".engine", ".plan")}
+"""The model files each backend can run: OpenVINO reads the same exported ONNX model as ONNX Runtime."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Valid precision names: ``severstal predict --precision``, ``$SEVERSTAL_PRECISION``."""
+BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16"),
+                      "tensorrt": ("fp32", "fp16")}
+"""The precisions each backend runs: torch bf16 is CPU autocast and fp16 CUDA autocast; OpenVINO's is its
+inference precision hint; a TensorRT engine's is fixed when it is built (``severstal export --fp16``)."""
+PRECISION_ENV = "SEVERSTAL_PRECISION"
+"""Forces a precision wherever none is passed (the TorchServe handler, ``severstal predict``): e.g. ``fp32``."""
 
 # The real competition sample beside the repository (../shared/data/severstal-real), used by tests,
 # benchmarks and figures when present; $SEVERSTAL_REAL_DATA points elsewhere.
@@ -116,3 +128,21 @@ def backend_for(model_file: str | Path) -> str:
     if suffix not in MODEL_SUFFIXES:
         raise ValueError(f"cannot tell the backend of {model_file}: model files end in {sorted(MODEL_SUFFIXES)}")
     return MODEL_SUFFIXES[suffix]
+
+
+def backends_for(model_file: str | Path) -> tuple[str, ...]:
+    """Every backend that can run a model file (``.onnx``: onnxruntime and openvino).
+
+    Raises ValueError for an unknown suffix, as :func:`backend_for`."""
+    backend_for(model_file)
+    suffix = Path(model_file).suffix.lower()
+    return tuple(name for name in BACKENDS if suffix in BACKEND_SUFFIXES[name])
+
+
+def check_precision(name: str, backend: str | None = None) -> str:
+    """Return ``name`` if it is a precision (of ``backend``, when given); else ValueError listing the valid ones."""
+    valid = BACKEND_PRECISIONS[check_backend(backend)] if backend is not None else PRECISIONS
+    if name not in valid:
+        where = f" for backend {backend!r}" if backend is not None else ""
+        raise ValueError(f"unknown precision {name!r}{where}; valid precisions: {list(valid)}")
+    return name

@@ -27,7 +27,7 @@ from severstal.model.predict import Predictor, TorchBackend
 from severstal.serve import archive as serve_archive
 from severstal.serve import worker as serve_worker
 
-VALID = "valid backends: ['torch', 'onnxruntime', 'tensorrt']"
+VALID = "valid backends: ['torch', 'onnxruntime', 'openvino', 'tensorrt']"
 
 
 def test_an_unknown_backend_lists_the_valid_ones(scratch_run, tmp_path, capsys):
@@ -36,7 +36,9 @@ def test_an_unknown_backend_lists_the_valid_ones(scratch_run, tmp_path, capsys):
     with pytest.raises(ValueError, match=re.escape(f"unknown backend 'tensorflow'; {VALID}")):
         check_backend("tensorflow")
     cfg = load_bundle(scratch_run, device="cpu").cfg
-    with pytest.raises(ValueError, match=re.escape(f"unknown backend 'openvino'; {VALID}")):
+    with pytest.raises(ValueError, match=re.escape(f"unknown backend 'tensorflow'; {VALID}")):
+        make_backend("tensorflow", cfg)
+    with pytest.raises(ValueError, match="backend 'openvino' cannot run model_final.pth: that file is for 'torch'"):
         make_backend("openvino", cfg)
     assert main(["predict", "--weights", str(scratch_run), "--images", str(tmp_path), "--out",
                  str(tmp_path / "s.csv"), "--backend", "tflite"]) == 2
@@ -70,7 +72,8 @@ def test_predictions_from_an_export_match_pytorch_records(onnx_export, low_floor
     assert exported.backend.providers == ["CPUExecutionProvider"]
     records = exported.predict(images)
     assert sum(len(r["defects"]) for r in records) > 0
-    for ref, rec in zip(Predictor.from_weights(low_floor_run, device="cpu").predict(images), records):
+    reference = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32")
+    for ref, rec in zip(reference.predict(images), records):
         assert len(rec["defects"]) == len(ref["defects"])
         for c, rle in ref["classes"].items():
             assert dice(rle_to_mask(rec["classes"][c]), rle_to_mask(rle)) >= 0.99

@@ -10,9 +10,11 @@ import pytest
 
 from severstal.bench import format_table, latency_stats
 from severstal.bench.convert import bench_convert, decode_with_loop, pixel_instances
+from severstal.bench.profile import STAGES
 from severstal.cli import main
 from severstal.data.instances import rle_to_instances
 from severstal.data.rle import rle_to_mask
+from severstal.model.backends import openvino_missing
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +75,40 @@ def test_cli_bench_lists_its_benchmarks(capsys):
 
 
 def test_cli_bench_predict_times_every_backend_on_the_same_images(low_floor_run, onnx_export, real_data, capsys):
+    backends = "torch,onnxruntime" + (",openvino" if openvino_missing() is None else "")
     assert main(["bench", "predict", "--weights", str(low_floor_run), "--onnx", str(onnx_export / "model.onnx"),
                  "--images", str(real_data / "train_images"), "--limit", "2", "--repeats", "1", "--threads", "1",
-                 "--json"]) == 0
+                 "--backends", backends, "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("predict: 2 images x 1 passes, batch size 1, 1 threads, cpu")
+    assert "load average" in out[0] and "CPU bf16 instructions: " in out[0]
     r = json.loads(out[-1])
-    assert [row["backend"] for row in r["rows"]] == ["torch", "onnxruntime"]
-    torch_row, ort_row = r["rows"]
+    assert [(row["backend"], row["precision"]) for row in r["rows"]] == [(b, "fp32") for b in backends.split(",")]
+    torch_row, ort_row = r["rows"][:2]
     assert torch_row["e2e_vs_torch"] == 1.0 and ort_row["dice_vs_torch"] >= 0.99
+    assert all(row["keeps_answers"] and row["detections"] > 0 for row in r["rows"])
     assert ort_row["e2e_vs_torch"] == pytest.approx(torch_row["e2e_p50_ms"] / ort_row["e2e_p50_ms"])
     assert all(row["e2e_p50_ms"] > 0 and row["net_p50_ms"] > 0 and row["net_images_per_s"] > 0 for row in r["rows"])
+    assert set(r["load_average"]) == {"before", "after"}
     assert main(["bench", "predict", "--weights", str(low_floor_run), "--images", str(real_data / "train_images"),
-                 "--backends", "torch,openvino"]) == 2
-    assert "unknown backend 'openvino'" in capsys.readouterr().err
+                 "--backends", "torch,tflite"]) == 2
+    assert "unknown backend 'tflite'" in capsys.readouterr().err
+    assert main(["bench", "predict", "--weights", str(low_floor_run), "--images", str(real_data / "train_images"),
+                 "--backends", "onnxruntime:bf16"]) == 2
+    assert "unknown precision 'bf16' for backend 'onnxruntime'; valid precisions: ['fp32']" in capsys.readouterr().err
+
+
+def test_cli_bench_profile_splits_one_image_into_stages(low_floor_run, real_data, capsys):
+    image = next((real_data / "train_images").glob("*.jpg"))
+    assert main(["bench", "profile", "--weights", str(low_floor_run), "--image", str(image), "--repeats", "1",
+                 "--threads", "1", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"profile: {image.name}, PyTorch fp32, 1 threads, p50 of 1;")
+    r = json.loads(out[-1])
+    assert [s["stage"] for s in r["stages"]] == list(STAGES)
+    assert r["detections"] > 0 and r["pasted"] > 0
+    assert all(s["p50_ms"] > 0 for s in r["stages"]) and sum(s["share"] for s in r["stages"]) == pytest.approx(1.0)
+    assert r["total_ms"] == pytest.approx(sum(s["p50_ms"] for s in r["stages"]))
 
 
 def test_latency_stats_interpolate_percentiles_and_count_throughput_by_wall_time():

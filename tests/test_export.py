@@ -67,7 +67,7 @@ def test_export_writes_a_checked_model_with_its_config_beside_and_inside(onnx_ex
 
 
 def test_onnxruntime_matches_pytorch_on_real_images(onnx_export, low_floor_run, real_data):
-    torch_predictor = Predictor.from_weights(low_floor_run, device="cpu")
+    torch_predictor = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32")
     onnx_predictor = Predictor.from_weights(onnx_export, device="cpu")
     assert isinstance(onnx_predictor.backend, OnnxRuntimeBackend)
     images = real_images(real_data, 6)

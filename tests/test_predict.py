@@ -107,3 +107,77 @@ def test_every_real_image_goes_through_predict_into_a_valid_submission(scratch_r
     assert parsed.image_ids == sorted(p.name for p in sources)
     assert len(out.read_text().splitlines()) == 1 + 4 * 118
     assert len(parsed.frame) == summary["masks"]
+
+
+def _folder_with_broken_files(real_data, tmp_path, count=6):
+    """``count`` real images (symlinks) plus three unreadable files: truncated, empty and not an image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = sorted((real_data / "train_images").glob("*.jpg"))[:count]
+    for path in sources:
+        (folder / path.name).symlink_to(path)
+    (folder / "0000broken.jpg").write_bytes(sources[0].read_bytes()[:2000])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    return folder, sorted([p.name for p in sources] + ["0000broken.jpg", "empty.jpg", "notes.png"])
+
+
+def test_unreadable_files_cost_no_other_image(scratch_run, real_data, tmp_path):
+    folder, names = _folder_with_broken_files(real_data, tmp_path)
+    predictor = Predictor.from_weights(scratch_run, device="cpu")
+    reference = tmp_path / "good.csv"
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in names:
+        if (folder / name).is_symlink():
+            (good / name).symlink_to((folder / name).resolve())
+    predict_folder(None, good, reference, predictor=predictor, batch_size=4)
+
+    out = tmp_path / "submission.csv"
+    summary = predict_folder(None, folder, out, predictor=predictor, batch_size=4)
+    assert [u["image"] for u in summary["unreadable"]] == ["0000broken.jpg", "empty.jpg", "notes.png"]
+    assert all(u["image"] in u["error"] for u in summary["unreadable"])  # each message names its file
+    assert "empty input" in summary["unreadable"][1]["error"]
+    parsed = read_submission(out)
+    assert parsed.image_ids == names and len(out.read_text().splitlines()) == 1 + 4 * len(names)
+    assert summary["masks"] > 0, "the scratch model should give masks to compare"
+    bad = {"0000broken.jpg", "empty.jpg", "notes.png"}
+    assert not set(parsed.frame["ImageId"]) & bad  # unreadable images: every mask empty
+    good_rows = [line for line in out.read_text().splitlines() if line.split(",")[0] not in bad]
+    assert good_rows == reference.read_text().splitlines()  # the readable images' rows are unchanged
+
+
+def test_predict_files_still_raises_on_unreadable_files_unless_asked(scratch_run, real_data, tmp_path):
+    from severstal.data.images import ImageError
+
+    folder, _ = _folder_with_broken_files(real_data, tmp_path, count=1)
+    predictor = Predictor.from_weights(scratch_run, device="cpu")
+    with pytest.raises(ImageError, match="0000broken.jpg: broken image"):
+        list(predictor.predict_files(sorted(folder.iterdir()), progress=False))
+    with pytest.raises(FileNotFoundError):
+        list(predictor.predict_files([folder / "absent.jpg"], progress=False))
+    pairs = list(predictor.predict_files([folder / "absent.jpg"], progress=False, skip_unreadable=True))
+    assert pairs[0][1]["error"] and pairs[0][1]["classes"] == {"1": "", "2": "", "3": "", "4": ""}
+
+
+def test_cli_names_unreadable_files_on_stderr_and_exits_3(scratch_run, real_data, tmp_path, capsys):
+    from severstal.cli import main
+    from severstal.model.predict import EXIT_UNREADABLE
+
+    folder, names = _folder_with_broken_files(real_data, tmp_path, count=2)
+    out = tmp_path / "submission.csv"
+    assert main(["predict", "--weights", str(scratch_run), "--images", str(folder), "--out", str(out)]) == 3
+    assert EXIT_UNREADABLE == 3
+    err = capsys.readouterr().err
+    for name in ("0000broken.jpg", "empty.jpg", "notes.png"):
+        assert f"unreadable: {folder / name}" in err
+    assert "3 of 5 images unreadable" in err
+    assert read_submission(out).image_ids == names
+
+
+def test_ray_options_without_ray_are_refused(scratch_run, tmp_path, capsys):
+    from severstal.cli import main
+
+    args = ["predict", "--weights", str(scratch_run), "--images", str(tmp_path), "--out", str(tmp_path / "s.csv")]
+    assert main(args + ["--actors", "2"]) == 2
+    assert "--actors need(s) --ray" in capsys.readouterr().err

@@ -232,7 +232,10 @@ def test_the_shipped_model_config_is_valid():
     # Served answers equal the bare model's: nothing overrides what was saved with the weights by default.
     assert settings.score_thresholds is None and settings.min_areas is None and settings.max_detections is None
     assert config["batchSize"] > 1 and config["maxBatchDelay"] > 0
+    # Latency first: a lone request waits the whole maxBatchDelay for companions that are not coming.
+    assert config["maxBatchDelay"] <= 10, "a lone request would wait for a batch that is not coming"
     assert config["minWorkers"] <= config["maxWorkers"] and config["responseTimeout"] > 0
+    assert settings.threads is None or settings.threads >= 1
 
 
 def test_device_follows_gpu_id_only_when_cuda_is_there(monkeypatch):
@@ -302,3 +305,202 @@ def test_token_authorization_is_on_for_anything_reachable_from_outside(tmp_path)
     assert server.headers("management") == {"Authorization": "Bearer m-key"}
     assert server.predictions_url() == "http://127.0.0.1:9100/predictions/severstal"
     assert server.management_url == "http://127.0.0.1:9101" and server.metrics_url == "http://127.0.0.1:9102/metrics"
+
+
+# Isolation: limits of the model and per-image fallback ------------------------------------------------
+
+
+def test_image_limits_follow_the_models_resize(scratch_run):
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    from severstal.model.config import get_severstal_cfg
+
+    cfg = get_severstal_cfg(scratch_run / "config.yaml")
+    limits = serve_worker.ImageLimits.from_cfg(cfg)
+    # small: shorter side to 128, longer to at most 800; the ROI heads pool from p2..p5 (stride 32).
+    assert (limits.short_edge, limits.max_size, limits.min_side) == (128, 800, 32)
+    assert limits.max_aspect_ratio == 25.0
+    for height, width in [(256, 1600), (2, 20000), (20000, 2), (1, 1), (6000, 6000), (64, 1600), (63, 1600), (7, 99)]:
+        assert limits.resized(height, width) == ResizeShortestEdge.get_output_shape(height, width, 128, 800)
+
+
+@pytest.mark.parametrize("height, width, accepted", [
+    (256, 1600, True), (1, 1, True), (6000, 6000, True), (128, 800, True), (64, 1600, True),  # 800x32
+    (2, 20000, False), (20000, 2, False), (62, 1600, False), (1600, 62, False), (1, 100, False),
+])
+def test_image_limits_refuse_what_the_model_cannot_take_and_say_what_is_accepted(scratch_run, height, width,
+                                                                                  accepted):
+    from severstal.model.config import get_severstal_cfg
+
+    limits = serve_worker.ImageLimits.from_cfg(get_severstal_cfg(scratch_run / "config.yaml"))
+    if accepted:
+        limits.check(height, width)
+        return
+    with pytest.raises(serve_worker.BadRequest) as err:
+        limits.check(height, width)
+    message = str(err.value)
+    assert err.value.status == 400
+    assert f"the image is {width}x{height} pixels" in message
+    assert "under 32 px on its shorter side" in message
+    assert "accepted:" in message and "at most 25 times the shorter" in message
+
+
+def test_a_thin_image_fails_alone_in_the_handler(handler, scratch_run, jpegs):
+    thin = encode(Image.new("L", (20000, 2), 90))
+    tall = encode(Image.new("RGB", (2, 20000), (90, 90, 90)))
+    answers, statuses = handle(handler, make_context(scratch_run),
+                               [{"body": jpegs[0]}, {"body": thin}, {"data": tall}, {"body": jpegs[1]}])
+    assert statuses == [200, 400, 400, 200]
+    check_answer(answers[0], 256, 1600)
+    check_answer(answers[3], 256, 1600)
+    assert "20000x2 pixels" in answers[1]["message"] and "2x20000 pixels" in answers[2]["message"]
+
+
+class FlakyPredictor:
+    """Stands in for a Predictor: fails on every call that holds an image of ``poison`` height."""
+
+    def __init__(self, cfg, poison: int, error: Exception):
+        self.cfg, self.poison, self.error, self.calls = cfg, poison, error, []
+
+    def predict(self, images):
+        self.calls.append(len(images))
+        if any(image.shape[0] == self.poison for image in images):
+            raise self.error
+        return [{"height": image.shape[0]} for image in images]
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("shape mismatch"), 500),
+                                           (RuntimeError("CPU out of memory"), 507), (MemoryError(), 507)])
+def test_when_the_model_fails_on_a_batch_only_the_failing_image_gets_an_error(scratch_run, caplog, error, status):
+    from severstal.model.config import get_severstal_cfg
+
+    flaky = FlakyPredictor(get_severstal_cfg(scratch_run / "config.yaml"), poison=77, error=error)
+    model = serve_worker.ServingModel(flaky, serve_worker.HandlerSettings())
+    bad = serve_worker.BadRequest("empty request body")
+    items = [np.zeros((256, 1600, 3), np.uint8), np.zeros((77, 300, 3), np.uint8), bad,
+             np.zeros((128, 800, 3), np.uint8)]
+    with caplog.at_level("ERROR", logger="severstal.serve.worker"):
+        results = model.predict(items)
+    assert flaky.calls == [3, 1, 1, 1]  # the batch, then each good image alone
+    assert results[0] == {"height": 256} and results[3] == {"height": 128} and results[2] is bad
+    failure = results[1]
+    assert isinstance(failure, serve_worker.ModelFailure) and failure.status == status
+    assert "300x77 image" in str(failure) and "the other requests of its batch were answered" in str(failure)
+    assert failure.answer()["type"] == "ModelFailure"
+    assert "request 1 of 4, a 300x77 image" in caplog.text
+
+
+def test_a_lone_failing_image_is_not_predicted_twice(scratch_run):
+    from severstal.model.config import get_severstal_cfg
+
+    flaky = FlakyPredictor(get_severstal_cfg(scratch_run / "config.yaml"), poison=77, error=RuntimeError("boom"))
+    model = serve_worker.ServingModel(flaky, serve_worker.HandlerSettings())
+    [failure] = model.predict([np.zeros((77, 300, 3), np.uint8)])
+    assert flaky.calls == [1] and failure.status == 500
+
+
+def test_a_decoder_failure_of_any_kind_fails_only_its_request(monkeypatch, jpegs):
+    def broken(data, source="image"):
+        if data == b"poison":
+            raise KeyError("unexpected")
+        return np.zeros((256, 1600, 3), np.uint8)
+
+    monkeypatch.setattr(serve_worker, "decode_image", broken)
+    decoded = serve_worker.decode_batch([{"body": jpegs[0]}, {"body": b"poison"}])
+    assert decoded[0].shape == (256, 1600, 3)
+    assert isinstance(decoded[1], serve_worker.BadRequest) and decoded[1].status == 400
+    assert "could not be decoded as an image (KeyError" in str(decoded[1])
+
+
+def test_threads_setting_is_validated():
+    assert serve_worker.HandlerSettings.from_mapping({"threads": 2}).threads == 2
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="threads must be a positive integer or null"):
+            serve_worker.HandlerSettings.from_mapping({"threads": bad})
+
+
+# The client's retries -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scripted_server():
+    """A local HTTP server answering POSTs with the statuses of ``server.script`` in turn (then 200)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the name http.server calls)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status = self.server.script.pop(0) if self.server.script else 200
+            body = json.dumps({"height": 1, "width": 1, "defects": [], "classes": {}} if status == 200
+                              else {"code": status, "message": self.server.message or f"scripted {status}"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.script, httpd.message = [], None
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_post_image_retries_503_and_507_and_reports_each_retry(scripted_server):
+    from severstal.serve.client import post_image
+
+    scripted_server.script = [503, 507, 503]
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}/predictions/severstal"
+    seen = []
+    answer = post_image(url, b"jpeg", retries=3, backoff=0.01, on_retry=lambda reason, attempt: seen.append(reason))
+    assert answer["defects"] == [] and seen == ["503", "507", "503"]
+
+
+def test_post_image_gives_up_after_its_retries_and_says_so(scripted_server, caplog):
+    from severstal.serve.client import PredictionError, post_image
+
+    scripted_server.script = [503] * 5
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}/predictions/severstal"
+    with caplog.at_level("WARNING", logger="severstal.serve.client"), pytest.raises(PredictionError) as err:
+        post_image(url, b"jpeg", retries=2, backoff=0.01)
+    assert err.value.status == 503 and "answered 503 after 3 tries: scripted 503" in str(err.value)
+    assert "giving up after 3 tries" in caplog.text and "retry 2 of 2" in caplog.text
+
+
+def test_post_image_retries_the_batch_of_a_worker_that_died(scripted_server):
+    from severstal.serve.client import post_image
+
+    scripted_server.script = [500, 507]
+    scripted_server.message = "Worker died."
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}/predictions/severstal"
+    seen = []
+    answer = post_image(url, b"jpeg", backoff=0.01, on_retry=lambda reason, attempt: seen.append(reason))
+    assert answer["defects"] == [] and seen == ["500 worker died", "507 worker died"]
+
+
+@pytest.mark.parametrize("status", [400, 413, 500])
+def test_post_image_never_retries_the_clients_own_errors_or_a_500(scripted_server, status):
+    from severstal.serve.client import PredictionError, post_image
+
+    scripted_server.script = [status, 200]
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}/predictions/severstal"
+    with pytest.raises(PredictionError, match=f"answered {status}: scripted {status}"):
+        post_image(url, b"jpeg", backoff=0.01)
+    assert scripted_server.script == [200]
+
+
+def test_post_image_retries_a_refused_connection_then_gives_up():
+    from severstal.serve.client import PredictionError, post_image
+
+    port = serve_server.free_port_block(1)
+    seen = []
+    with pytest.raises(PredictionError, match="no answer after 3 tries") as err:
+        post_image(f"http://127.0.0.1:{port}/predictions/severstal", b"jpeg", retries=2, backoff=0.01,
+                   on_retry=lambda reason, attempt: seen.append(reason))
+    assert err.value.status is None and seen == ["ConnectionError", "ConnectionError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
     part, with the server idle), so both see the same load from other processes on a shared machine.
     ``overhead`` (served p50 / bare p50) measures serving at ``concurrency`` 1; with more clients the
     latency includes queueing and ``throughput_ratio`` (served images/s / bare images/s) is the number to read.
+    The server's workers run with ``OMP_WAIT_POLICY=PASSIVE`` (``severstal.serve.server.WORKER_ENV``); for a
+    like-for-like bare side set it in the benchmark's environment too (the result records it).
 
     Args:
         url: the predictions URL, e.g. ``http://127.0.0.1:8080/predictions/severstal``.
@@ -52,7 +55,8 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
 
     Returns:
         ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "errors", "error_statuses",
-        "rows": [served row, bare row (with weights)], "overhead", "throughput_ratio"}``; a row is
+        "rows": [served row, bare row (with weights)], "overhead", "throughput_ratio", "load_average",
+        "omp_wait_policy"}`` (``load_average``: 1, 5 and 15 minutes at the end, as ``uptime`` shows it); a row is
         ``{"method", "p50", "p95", "p99", "mean", "images_per_s"}`` (seconds, images per second).
     """
     import requests as http
@@ -117,4 +121,6 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         "rows": rows,
         "overhead": overhead,
         "throughput_ratio": throughput_ratio,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }

@@ -40,7 +40,14 @@ from pathlib import Path
 from severstal.data.datasets import THING_CLASSES
 from severstal.data.rle import SHAPE
 from severstal.files import CONFIG_FILE, ENGINE_FILE, ONNX_FILE, SPLIT_FILE, THRESHOLDS_FILE, atomic_path
-from severstal.model.backends import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES, TorchBackend, require_tensorrt
+from severstal.model.backends import (
+    INPUT_NAME,
+    METADATA_KEYS,
+    OUTPUT_NAMES,
+    TorchBackend,
+    _onnx_metadata,
+    require_tensorrt,
+)
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor
 
@@ -210,10 +217,7 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a dict (see :data:`METADATA_KEYS`)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return {prop.key: prop.value for prop in model.metadata_props}
+    return _onnx_metadata(onnx_path)
 
 
 def export_tensorrt(onnx_path: str | Path, out_dir: str | Path, fp16: bool = False,

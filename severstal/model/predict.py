@@ -15,8 +15,9 @@ A record is the REST answer for one image (see DESIGN.md)::
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from severstal import CLASS_IDS
 from severstal.data.annotations import list_images, write_submission
-from severstal.data.images import read_image
+from severstal.data.images import ImageError, read_image
 from severstal.data.rle import mask_to_rle
 from severstal.model.backends import Backend, RawOutput, TorchBackend, make_backend
 from severstal.model.config import ModelBundle, load_bundle
@@ -75,15 +76,17 @@ class Predictor:
 
     @classmethod
     def from_weights(cls, weights_or_folder: str | Path, device: str | None = None, tta: bool = False,
-                     backend: str | None = None) -> Predictor:
+                     backend: str | None = None, precision: str | None = None) -> Predictor:
         """A predictor for a run's weights, an exported model (``.onnx``, ``.engine``) or their folder.
 
         Args:
-            backend: "torch", "onnxruntime" or "tensorrt" (``severstal.model.backends``); default: the one the
-                model file runs on.
+            backend: "torch", "onnxruntime", "openvino" or "tensorrt" (``severstal.model.backends``); default:
+                ``choose_backend``'s for the model file.
+            precision: "fp32", "bf16" or "fp16" where the backend has it; default: ``choose_backend``'s (bf16
+                for torch on a CPU with bf16 instructions, else fp32). ``predictor.backend.choice`` says which.
         """
         bundle: ModelBundle = load_bundle(weights_or_folder, device=device)
-        return cls(bundle.cfg, backend=make_backend(backend, bundle.cfg), tta=tta)
+        return cls(bundle.cfg, backend=make_backend(backend, bundle.cfg, precision=precision), tta=tta)
 
     @property
     def thresholds(self) -> tuple[list[float], list[int]]:
@@ -145,14 +148,23 @@ class Predictor:
         thresholds, min_areas = self.thresholds
         return [make_record(d, thresholds, min_areas) for d in self.detect(images, min_scores=thresholds)]
 
-    def predict_files(self, paths: Iterable[Path], batch_size: int = 4,
-                      progress: bool = True) -> Iterator[tuple[Path, dict]]:
-        """Yield ``(path, record)`` for image files, in batches, with a progress bar."""
+    def predict_files(self, paths: Iterable[Path], batch_size: int = 4, progress: bool = True,
+                      skip_unreadable: bool = False) -> Iterator[tuple[Path, dict]]:
+        """Yield ``(path, record)`` for image files, in their order, in batches, with a progress bar.
+
+        Args:
+            skip_unreadable: a file that cannot be read or decoded (missing, empty, truncated, not an image)
+                yields :func:`unreadable_record` instead of raising, so that one bad file costs no other.
+        """
         paths = list(paths)
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start : start + batch_size]
-                yield from zip(chunk, self.predict([read_image(p) for p in chunk]))
+                if skip_unreadable:
+                    records = predict_readable(self, [functools.partial(read_image, p) for p in chunk])
+                else:
+                    records = self.predict([read_image(p) for p in chunk])
+                yield from zip(chunk, records)
                 bar.update(len(chunk))
 
 
@@ -235,10 +247,72 @@ def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: S
     return {"height": det.height, "width": det.width, "defects": defects, "classes": classes}
 
 
+EXIT_UNREADABLE = 3
+"""Exit status of ``severstal predict`` when some files could not be read: the submission is complete (their
+masks empty) and every unreadable file is named on stderr, so a pipeline can tell this from success (0) and
+from an error that wrote nothing (2 for bad arguments, 1 for anything else)."""
+
+
+def unreadable_record(error: str) -> dict:
+    """The record of an image that could not be read: no defects, every class mask empty, and ``error`` saying why.
+
+    ``height`` and ``width`` are None (unknown). Records of readable images have no ``error`` key.
+    """
+    return {"height": None, "width": None, "defects": [], "classes": {str(c): "" for c in CLASS_IDS}, "error": error}
+
+
+def predict_readable(predictor: Predictor, readers: Sequence[Callable[[], np.ndarray]]) -> list[dict]:
+    """Records for one batch of images, each given as a reader; an image that cannot be read costs no other.
+
+    Args:
+        predictor: predicts the images that were read, together in one batch.
+        readers: functions returning an (H, W, 3) uint8 BGR image, or raising ``ImageError`` / ``OSError``
+            (``functools.partial(read_image, path)``, or ``decode_image`` of bytes read elsewhere).
+
+    Returns:
+        One record per reader, in order; an unreadable image's is :func:`unreadable_record` with the error.
+    """
+    images, records = {}, {}
+    for i, read in enumerate(readers):
+        try:
+            images[i] = read()
+        except (ImageError, OSError) as err:
+            records[i] = unreadable_record(str(err))
+    if images:
+        records.update(zip(images, predictor.predict(list(images.values()))))
+    return [records[i] for i in range(len(readers))]
+
+
+def submission_summary(image_ids: Sequence[str], records: Sequence[dict], out: str | Path, fmt: str = "new") -> dict:
+    """Write the Kaggle submission of ``records`` (one per image of ``image_ids``, same order) and summarise it.
+
+    Every (image, class) pair gets a row (:func:`severstal.data.annotations.write_submission`); an unreadable
+    image's masks are empty. The single-process and the Ray path both end here, so their submissions agree.
+
+    Returns:
+        ``images``, ``masks`` (non-empty class masks), ``masks_per_class``, ``submission`` path, and
+        ``unreadable``: ``[{"image": ImageId, "error": message}]`` in image order (empty when all were read).
+    """
+    import pandas as pd
+
+    rows = [(image_id, int(c), rle) for image_id, record in zip(image_ids, records)
+            for c, rle in record["classes"].items() if rle]
+    frame = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+    write_submission(frame, out, image_ids=image_ids, fmt=fmt)
+    counts = frame["ClassId"].value_counts()
+    return {"images": len(image_ids), "masks": len(frame),
+            "masks_per_class": {str(c): int(counts.get(c, 0)) for c in CLASS_IDS}, "submission": str(out),
+            "unreadable": [{"image": i, "error": r["error"]} for i, r in zip(image_ids, records) if r.get("error")]}
+
+
 def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt: str = "new", tta: bool = False,
                    overlays: str | Path | None = None, batch_size: int = 4, predictor: Predictor | None = None,
                    backend: str | None = None) -> dict:
     """Predict every image of a folder and write a Kaggle submission with every (image, class) pair.
+
+    A file that cannot be read or decoded does not stop the others: it is logged, its masks are written
+    empty, and the summary's ``unreadable`` names it (``severstal predict`` then exits with
+    :data:`EXIT_UNREADABLE`).
 
     Args:
         weights: a training run's weights file or folder, or an exported model (ignored when ``predictor`` is given).
@@ -250,23 +324,19 @@ def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt
         backend: "torch", "onnxruntime" or "tensorrt"; default: the one ``weights`` runs on.
 
     Returns:
-        ``images``, ``masks`` (non-empty class masks), ``masks_per_class``, ``submission`` path.
+        as :func:`submission_summary`.
     """
-    import pandas as pd
-
     from severstal.viz.plots import save_overlay  # matplotlib, only for overlays
 
     predictor = predictor or Predictor.from_weights(weights, tta=tta, backend=backend)
     paths = [Path(images) / name for name in list_images(images)]
     if not paths:
         raise FileNotFoundError(f"no images in {images}")
-    rows = []
-    for path, record in predictor.predict_files(paths, batch_size=batch_size):
-        rows += [(path.name, int(c), rle) for c, rle in record["classes"].items() if rle]
-        if overlays:
+    records = []
+    for path, record in predictor.predict_files(paths, batch_size=batch_size, skip_unreadable=True):
+        records.append(record)
+        if record.get("error"):
+            log.warning("unreadable, written with empty masks: %s", record["error"])
+        elif overlays:
             save_overlay(read_image(path), record, Path(overlays) / f"{path.stem}.png", title=path.name)
-    frame = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
-    write_submission(frame, out, image_ids=[p.name for p in paths], fmt=fmt)
-    counts = frame["ClassId"].value_counts()
-    return {"images": len(paths), "masks": len(frame),
-            "masks_per_class": {str(c): int(counts.get(c, 0)) for c in CLASS_IDS}, "submission": str(out)}
+    return submission_summary([p.name for p in paths], records, out, fmt=fmt)

@@ -3,12 +3,15 @@
 ``train`` splits the images into train/val (class-stratified, by seed), registers both splits, and
 trains with :class:`SeverstalTrainer` (Detectron2's ``DefaultTrainer`` with flips, Dice + COCO evaluation,
 checkpoints, ``metrics.json`` and TensorBoard events). It runs through Detectron2's ``launch`` so the
-same call trains on several GPUs or machines. The output folder ends up holding everything prediction,
+same call trains on several GPUs or machines; ``launch_cpu`` does the same on CPUs with the gloo backend
+(Detectron2 0.6's ``launch`` needs CUDA and NCCL). The output folder ends up holding everything prediction,
 evaluation and serving need: ``model_final.pth``, ``config.yaml`` and ``split.json``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,10 +19,14 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.engine import defaults as d2_defaults
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -35,10 +42,26 @@ log = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "severstal_train"
 VAL_SPLIT = "severstal_val"
+DISTRIBUTED_FILE = "distributed.json"
+"""Written by rank 0 after training in several processes: world size, backend, every rank's weight digest and
+the checkpoint's (all equal, or training fails)."""
 
 
 class SeverstalTrainer(DefaultTrainer):
     """``DefaultTrainer`` with flip augmentation and the competition's Dice beside COCO AP."""
+
+    def __init__(self, cfg):
+        if cfg.MODEL.DEVICE != "cpu" or comm.get_world_size() == 1:
+            super().__init__(cfg)
+            return
+        # Detectron2 0.6 hands DistributedDataParallel the local rank as a CUDA device id, which a CPU model
+        # must not have: for the length of this constructor its create_ddp_model passes none.
+        original = d2_defaults.create_ddp_model
+        d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+        try:
+            super().__init__(cfg)
+        finally:
+            d2_defaults.create_ddp_model = original
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -124,15 +147,86 @@ def _train_worker(cfg: CfgNode, resume: bool) -> None:
         trainer = SeverstalTrainer(cfg)
         trainer.resume_or_load(resume=resume)
         trainer.train()
+        if comm.get_world_size() > 1:
+            _check_ranks_agree(trainer, cfg.OUTPUT_DIR)
     finally:  # train() may run in the caller's process: leave its catalogs as they were
         for name in (TRAIN_SPLIT, VAL_SPLIT):
             if name in DatasetCatalog.list():
                 unregister(name)
 
 
+def state_digest(model: torch.nn.Module | dict) -> str:
+    """SHA-256 of a model's weights (a module, DDP-wrapped or not, or a state dict): equal digests, equal weights."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_ranks_agree(trainer: DefaultTrainer, output_dir: str) -> None:
+    """After distributed training: every rank's weights must equal the saved checkpoint's (DDP keeps them in
+    step; a difference is a bug). Rank 0 writes what it found to ``distributed.json``; a mismatch raises."""
+    digests = comm.all_gather(state_digest(trainer.model))
+    if not comm.is_main_process():
+        return
+    saved = torch.load(Path(output_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)["model"]
+    report = {"world_size": comm.get_world_size(), "backend": dist.get_backend(), "rank_digests": digests,
+              "checkpoint_digest": state_digest(saved)}
+    write_text_atomic(Path(output_dir) / DISTRIBUTED_FILE, json.dumps(report, indent=1))
+    if set(digests) != {report["checkpoint_digest"]}:
+        raise RuntimeError(f"ranks ended with different weights: see {Path(output_dir) / DISTRIBUTED_FILE}")
+
+
+def _cpu_worker(local_rank: int, main_func, world_size: int, processes: int, machine_rank: int, dist_url: str,
+                args: tuple, threads: int) -> None:
+    """Detectron2's ``_distributed_worker`` for CPUs: the gloo backend instead of NCCL, no CUDA device to set.
+
+    Detectron2 0.6's own worker asserts CUDA and hard-codes NCCL (later upstream versions fall back to gloo in
+    the same way); everything else is the same: one process group, a local group per machine, a barrier.
+    """
+    torch.set_num_threads(threads)  # N processes on the same cores: do not let each spin up all of them
+    rank = machine_rank * processes + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank,
+                            timeout=DEFAULT_TIMEOUT)
+    for machine in range(world_size // processes):
+        group = dist.new_group(list(range(machine * processes, (machine + 1) * processes)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_cpu(main_func, num_processes: int, num_machines: int = 1, machine_rank: int = 0, dist_url: str = "auto",
+               args: tuple = ()) -> None:
+    """Detectron2's ``launch`` on CPUs: ``num_processes`` per machine over torch.distributed's gloo backend.
+
+    The same contract as ``detectron2.engine.launch`` (and ``torch.multiprocessing.spawn`` under it): a global
+    rank of ``machine_rank * num_processes + local_rank``, ``dist_url`` "auto" picks a free local port on one
+    machine, and an exception in any process ends the run with that error.
+    """
+    world_size = num_processes * num_machines
+    if world_size == 1:
+        main_func(*args)
+        return
+    if dist_url == "auto":
+        if num_machines > 1:
+            raise ValueError("dist_url=auto only works on one machine: pass --dist-url tcp://HOST:PORT of machine 0")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    threads = max(1, (os.cpu_count() or 1) // num_processes)
+    mp.start_processes(_cpu_worker, nprocs=num_processes, start_method="spawn", join=True,
+                       args=(main_func, world_size, num_processes, machine_rank, dist_url, args, threads))
+
+
 def train(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts=(), *, resume: bool = False,
           scratch: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
-          dist_url: str = "auto") -> Path:
+          dist_url: str = "auto", num_processes: int | None = None) -> Path:
     """Train and return the path of the final weights.
 
     Args:
@@ -142,12 +236,33 @@ def train(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts
         opts: Detectron2-style ``KEY VALUE`` overrides.
         resume: continue from the last checkpoint in ``output_dir``.
         scratch: start from random weights (GroupNorm) instead of the config's pretrained weights.
-        num_gpus, num_machines, machine_rank, dist_url: as Detectron2's ``launch`` (torch.distributed).
+        num_gpus, num_machines, machine_rank, dist_url: as Detectron2's ``launch`` (torch.distributed, NCCL):
+            ``num_gpus`` processes per machine, one GPU each.
+        num_processes: train on CPUs in this many processes per machine instead (torch.distributed's gloo
+            backend; ``num_machines``, ``machine_rank``, ``dist_url`` as for GPUs). ``SOLVER.IMS_PER_BATCH`` is
+            the batch over all processes and must divide by their number.
+
+    With more than one process, every rank's final weights are checked against the saved checkpoint
+    (``distributed.json`` in ``output_dir``).
     """
     cfg = setup_cfg(data_dir, config, output_dir, opts, scratch)
-    if cfg.MODEL.DEVICE == "cpu" and num_gpus * num_machines > 1:
-        raise ValueError("several processes need CUDA GPUs; none is available")
+    if num_processes is not None:
+        if num_gpus > 1:
+            raise ValueError("choose --num-gpus (CUDA, NCCL) or --num-processes (CPU, gloo), not both")
+        if num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        cfg.MODEL.DEVICE = "cpu"
+    elif cfg.MODEL.DEVICE == "cpu" and num_gpus * num_machines > 1:
+        raise ValueError("several GPU processes need CUDA GPUs and none is available; "
+                         "train in several CPU processes with --num-processes N (gloo) instead")
+    world_size = (num_processes or num_gpus) * num_machines
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} must divide by the {world_size} processes")
     cfg.freeze()
-    launch(_train_worker, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
-           args=(cfg, resume))
+    if num_processes is not None:
+        launch_cpu(_train_worker, num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                   dist_url=dist_url, args=(cfg, resume))
+    else:
+        launch(_train_worker, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+               args=(cfg, resume))
     return Path(output_dir) / WEIGHTS_FILE

@@ -6,12 +6,14 @@ so archiving works from a wheel as well as from a checkout.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from severstal.files import CONFIG_FILE, THRESHOLDS_FILE, backend_for, model_file_in
+from severstal.files import CONFIG_FILE, THRESHOLDS_FILE, backend_for, backends_for, model_file_in
 from severstal.serve import HANDLER_FILE, MODEL_CONFIG_FILE, torchserve_file
 from severstal.serve.worker import HandlerSettings
 
@@ -52,9 +54,10 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
     model_config = Path(model_config) if model_config else MODEL_CONFIG_FILE
     backend = _check_model_config(model_config).backend
-    if backend is not None and backend != backend_for(weights):
+    if backend is not None and backend not in backends_for(weights):
         raise ValueError(f"{model_config} sets backend {backend!r}, which cannot run {weights.name} "
-                         f"(a {backend_for(weights)!r} model): set backend to null or {backend_for(weights)!r}")
+                         f"(a {backend_for(weights)!r} model): set backend to null or one of "
+                         f"{list(backends_for(weights))}")
     extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,9 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
            "--serialized-file", str(weights), "--handler", str(torchserve_file(HANDLER_FILE)),
            "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(model_config),
            "--export-path", str(out_dir), "--force"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # torch-model-archiver stages files in $TMPDIR/NAME: a folder of its own lets two archives run at once.
+    with tempfile.TemporaryDirectory(prefix="severstal-archive-") as staging:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": staging})
     if done.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
     path = out_dir / f"{name}.mar"

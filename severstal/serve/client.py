@@ -1,21 +1,31 @@
 """The client of the served model: post an image to a predictions URL and get the REST answer.
 
 The demo, the benchmarks and notebook 04 all post through :func:`post_image`. It retries what a restarting
-worker or a busy server answers (503, 507, a refused or reset connection) with exponential backoff, up to
-``retries`` times, and says so when it gives up; a 4xx is the client's own fault and is never retried.
+worker or a busy server answers (503, 507, a refused or reset connection, a timeout) with exponential
+backoff, up to ``retries`` times, logs each retry and raises :class:`PredictionError` saying how many tries
+it made when it gives up. TorchServe answers the requests of a batch whose worker died with the message "Worker died."
+and 500 (507 when it sees the worker was killed): those are retried too, whatever the status. Any other 4xx is
+the client's own fault and is never retried, nor is another 500 (the model failed on this very image and
+would again).
+
+With the defaults (5 retries from 0.5 s, doubled, at most 8 s apart) a request survives about 15 s without
+an answer: a killed worker restarts in 3-6 s on a CPU, so no request of :func:`post_image` is lost to it
+(``severstal bench soak --kill-worker-at``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (503, 507)
 """TorchServe's answers while a worker restarts or its queue is full: worth asking again."""
+WORKER_DIED = "Worker died."
+"""TorchServe's message (with 500, or 507 after SIGKILL) for the requests of a batch whose worker died."""
 
 
 class PredictionError(RuntimeError):
@@ -26,8 +36,13 @@ class PredictionError(RuntimeError):
         self.status = status
 
 
+MAX_BACKOFF = 8.0
+"""Seconds: the longest wait between two tries."""
+
+
 def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] | None = None,
-               timeout: float = 120.0, retries: int = 3, backoff: float = 0.5, session=None) -> dict:
+               timeout: float = 120.0, retries: int = 5, backoff: float = 0.5, session=None,
+               on_retry: Callable[[str, int], None] | None = None) -> dict:
     """POST one image to a predictions URL and return its answer (the REST contract's dict).
 
     Args:
@@ -36,8 +51,10 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
         headers: e.g. ``Server.headers()`` when token authorization is on.
         timeout: seconds to wait for one answer.
         retries: further tries after a 503/507 or a failed connection; 0 tries once.
-        backoff: seconds before the first retry, doubled before each next one.
+        backoff: seconds before the first retry, doubled before each next one (at most :data:`MAX_BACKOFF`).
         session: a ``requests.Session`` to reuse connections (one per thread); default: a new connection.
+        on_retry: called as ``on_retry(reason, attempt)`` before each retry, where ``reason`` is the status
+            ("503") or the exception's name ("ConnectionError"): benchmarks count what the server failed.
 
     Raises:
         PredictionError: the server answered another error (its message included), or the retries ran out.
@@ -49,21 +66,30 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
     poster = session or requests
     for attempt in range(retries + 1):
         last = attempt == retries
+        delay = min(backoff * 2**attempt, MAX_BACKOFF)
         try:
             response = poster.post(url, data=body, headers=sent, timeout=timeout)
         except (requests.ConnectionError, requests.Timeout) as err:
+            reason = type(err).__name__
             if last:
+                log.error("%s: giving up after %d tries: %s", url, retries + 1, reason)
                 raise PredictionError(f"{url}: no answer after {retries + 1} tries: {err}") from err
-            log.warning("%s: %s; retrying in %.1f s", url, type(err).__name__, backoff * 2**attempt)
+            log.warning("%s: %s; retry %d of %d in %.1f s", url, reason, attempt + 1, retries, delay)
         else:
             if response.status_code == 200:
                 return response.json()
-            if response.status_code not in RETRY_STATUSES or last:
+            died = WORKER_DIED in response.text
+            if not (response.status_code in RETRY_STATUSES or died) or last:
                 tries = f" after {attempt + 1} tries" if attempt else ""
+                if attempt:
+                    log.error("%s: giving up after %d tries: %d", url, attempt + 1, response.status_code)
                 raise PredictionError(f"{url} answered {response.status_code}{tries}: {_message(response)}",
                                       response.status_code)
-            log.warning("%s answered %d; retrying in %.1f s", url, response.status_code, backoff * 2**attempt)
-        time.sleep(backoff * 2**attempt)
+            reason = f"{response.status_code} worker died" if died else str(response.status_code)
+            log.warning("%s answered %s; retry %d of %d in %.1f s", url, reason, attempt + 1, retries, delay)
+        if on_retry is not None:
+            on_retry(reason, attempt)
+        time.sleep(delay)
     raise AssertionError("unreachable")
 
 

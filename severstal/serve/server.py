@@ -8,6 +8,9 @@ Decisions:
   are in ``key_file.json`` in the run folder. **Model API** (register/delete over REST) is off: a server
   serves the archives of its model store, loaded at start; scaling workers stays possible.
 * **One server per run folder**: TorchServe keeps its pid file in TMPDIR, so each server gets its own.
+* **The workers' environment** (:data:`WORKER_ENV`): TorchServe's workers inherit the frontend's environment,
+  so the variables that must be set before PyTorch loads (OpenMP's wait policy, glibc's malloc arenas) are
+  set on the server's process; a value already in the environment wins.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ from severstal.serve import PROPERTIES_FILE, torchserve_file
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WORKER_ENV = {
+    # OpenMP threads sleep when idle instead of spinning for ~200 ms: a worker waiting for its next batch
+    # (or two workers taking turns) leaves the cores to the frontend and the other worker.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # glibc gives threads that allocate at the same time arenas of their own (up to 8 per core), each of
+    # which keeps freed memory fragmented and resident; PyTorch's intra-op threads all allocate. Two arenas
+    # bound what a worker can hold that way, at no measured cost (severstal bench soak; README "Troubleshooting").
+    "MALLOC_ARENA_MAX": "2",
+}
+"""Environment of the server and so of its workers; values already in the environment win."""
 KEY_FILE = "key_file.json"
 """Where TorchServe writes its token keys: the working directory of the server (its run folder)."""
 
@@ -243,7 +256,7 @@ def running_server(model_store: str | Path, host: str = "127.0.0.1", port: int =
     (run_dir / "tmp").mkdir(exist_ok=True)
     properties = run_dir / "config.properties"
     write_properties(server_properties(model_store, host, port, token_auth), properties)
-    env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}
+    env = {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}}
     env.update(TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"), LOG_LOCATION=str(run_dir / "logs"),
                METRICS_LOCATION=str(run_dir / "logs"))
     # TorchServe's own launcher, run by this interpreter: its workers then use this interpreter and its severstal.

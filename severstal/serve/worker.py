@@ -8,11 +8,16 @@ all of it is importable and tested without a server::
 
 Decisions:
 
-* **Per-item errors.** TorchServe 0.12 encodes a status code and headers for each request of a batch
-  (``context.set_response_status(code, phrase, idx)``; see ``ts/protocol/otf_message_handler.py``), so a bad
-  image fails only its own request with a 4xx JSON body ``{"code", "type", "message"}`` (the shape of
-  TorchServe's own errors) and the rest of the batch is predicted. Only an unexpected failure of the model
-  itself fails the whole batch (503 from TorchServe).
+* **No request fails another.** TorchServe 0.12 encodes a status code and headers for each request of a
+  batch (``context.set_response_status(code, phrase, idx)``; see ``ts/protocol/otf_message_handler.py``), so
+  a bad image fails only its own request with a 4xx JSON body ``{"code", "type", "message"}`` (the shape of
+  TorchServe's own errors) and the rest of the batch is predicted. Three layers keep it so:
+
+  1. decoding: what is not a readable image answers 400/415 (:func:`request_image`);
+  2. limits: an image the model cannot take (:class:`ImageLimits`: its shorter side would fall under the
+     network's coarsest stride after the model's resize, e.g. 20000x2) answers 400 saying what is accepted;
+  3. if the model still fails on a batch, its images are predicted one by one, so only the failing one
+     answers an error (:class:`ModelFailure`, logged with its size) and the others their predictions.
 * **Images of another size** than 1600x256 are predicted after the model's own resize and answered at
   their original size: ``height``, ``width``, every box and every RLE refer to the image as sent.
 * **Where the image is:** the raw body (TorchServe's field ``body``) or the multipart field ``data``.
@@ -21,6 +26,7 @@ Decisions:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from severstal import CLASS_IDS
-from severstal.data.images import ImageError, decode_image
+from severstal.data.images import MAX_PIXELS, ImageError, decode_image
 from severstal.files import BACKENDS, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,8 @@ class BadRequest(ValueError):
         status: the HTTP status (4xx).
     """
 
-    PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
+    PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type",
+               500: "Internal Server Error", 507: "Insufficient Storage"}
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -66,7 +73,93 @@ class BadRequest(ValueError):
 
     def answer(self) -> dict:
         """The JSON body, shaped like TorchServe's own errors."""
-        return {"code": self.status, "type": "BadRequest", "message": str(self)}
+        return {"code": self.status, "type": type(self).__name__, "message": str(self)}
+
+
+class ModelFailure(BadRequest):
+    """The model failed on one image that passed decoding and :class:`ImageLimits`: a fault of the server.
+
+    It answers 500 (not retried by :func:`severstal.serve.client.post_image`: the same image would fail
+    again), or 507 when the worker ran out of memory (retried: it may pass when the server is less busy).
+    Only this request fails; the others of its batch are answered.
+    """
+
+    def __init__(self, message: str, out_of_memory: bool = False):
+        super().__init__(message, 507 if out_of_memory else 500)
+
+
+# Limits of the model -------------------------------------------------------------------------------------
+
+
+def _feature_stride(name: str) -> int:
+    """Stride of a Detectron2 feature map from its name: ``p5`` or ``res5`` -> 32 (2 ** level)."""
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return 2 ** int(digits) if digits else 32
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Which images the model can take, derived from its config; checked before any prediction.
+
+    Every image is resized by ``ResizeShortestEdge(short_edge, max_size)`` before the network: its shorter
+    side to ``short_edge`` unless the longer one would then exceed ``max_size``. A very elongated image
+    (20000x2) thus shrinks to a shorter side of less than one pixel, and the network fails on it, together
+    with every image batched with it. The limit is the stride of the coarsest feature map the ROI heads pool
+    from (FPN ``p5``: 32 px): an image thinner than that after resizing has no full feature cell across.
+
+    Attributes:
+        short_edge: ``INPUT.MIN_SIZE_TEST``.
+        max_size: ``INPUT.MAX_SIZE_TEST``.
+        min_side: least shorter side, in pixels, after the resize.
+        max_pixels: the decoder's limit (:data:`severstal.data.images.MAX_PIXELS`).
+    """
+
+    short_edge: int
+    max_size: int
+    min_side: int
+    max_pixels: int = MAX_PIXELS
+
+    @classmethod
+    def from_cfg(cls, cfg) -> ImageLimits:
+        short = cfg.INPUT.MIN_SIZE_TEST
+        short = int(max(short)) if isinstance(short, (list, tuple)) else int(short)
+        strides = [_feature_stride(f) for f in cfg.MODEL.ROI_HEADS.IN_FEATURES] or [32]
+        return cls(short, int(cfg.INPUT.MAX_SIZE_TEST), max(strides))
+
+    @property
+    def max_aspect_ratio(self) -> float:
+        """Longer side / shorter side that still leaves ``min_side`` pixels after the resize."""
+        return self.max_size / self.min_side
+
+    @property
+    def max_side(self) -> int:
+        """The longest side an accepted image can have (``max_pixels`` at ``max_aspect_ratio``)."""
+        return int(math.sqrt(self.max_pixels * self.max_aspect_ratio))
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the model's resize (``ResizeShortestEdge.get_output_shape``'s rounding)."""
+        scale = self.short_edge / min(height, width)
+        new_h, new_w = height * scale, width * scale
+        if max(new_h, new_w) > self.max_size:
+            shrink = self.max_size / max(new_h, new_w)
+            new_h, new_w = new_h * shrink, new_w * shrink
+        return int(new_h + 0.5), int(new_w + 0.5)
+
+    def describe(self) -> str:
+        """What is accepted, for error messages and the README."""
+        return (f"accepted: JPEG, PNG or another image Pillow reads, grey or colour, at most {self.max_pixels:,} "
+                f"pixels, the longer side at most {self.max_aspect_ratio:g} times the shorter and at most "
+                f"{self.max_side:,} px: the model resizes the shorter side to {self.short_edge} px, the longer to at "
+                f"most {self.max_size} px, and needs at least {self.min_side} px on the shorter side")
+
+    def check(self, height: int, width: int) -> None:
+        """Raise :class:`BadRequest` (400) for an image of ``width`` x ``height`` the model cannot take."""
+        new_h, new_w = self.resized(height, width)
+        if min(new_h, new_w) < self.min_side:
+            ratio = max(height, width) / min(height, width)
+            raise BadRequest(f"the image is {width}x{height} pixels (aspect ratio {ratio:,.1f}:1): the model would "
+                             f"see it as {new_w}x{new_h}, under {self.min_side} px on its shorter side; "
+                             f"{self.describe()}")
 
 
 def request_image(request: Mapping, index: int = 0) -> np.ndarray:
@@ -99,15 +192,27 @@ def request_image(request: Mapping, index: int = 0) -> np.ndarray:
         raise BadRequest(str(err)) from None
 
 
-def decode_batch(requests: Sequence[Mapping]) -> list[np.ndarray | BadRequest]:
-    """Decode every request of a batch; a bad one becomes its :class:`BadRequest` and fails alone."""
+def decode_batch(requests: Sequence[Mapping], limits: ImageLimits | None = None) -> list[np.ndarray | BadRequest]:
+    """Decode every request of a batch; a bad one becomes its :class:`BadRequest` and fails alone.
+
+    Args:
+        requests: the handler's ``data``.
+        limits: the model's :class:`ImageLimits`; None checks decoding only.
+    """
     decoded: list[np.ndarray | BadRequest] = []
     for index, request in enumerate(requests):
         try:
-            decoded.append(request_image(request, index))
+            image = request_image(request, index)
+            if limits is not None:
+                limits.check(*image.shape[:2])
+            decoded.append(image)
         except BadRequest as err:
             log.info("request %d of %d refused (%d): %s", index, len(requests), err.status, err)
             decoded.append(err)
+        except Exception as err:  # a decoder failure decode_image does not know: still this request's alone
+            log.exception("request %d of %d: unexpected decoding failure", index, len(requests))
+            decoded.append(BadRequest(f"the request body could not be decoded as an image ({type(err).__name__}: "
+                                      f"{err}): send a JPEG or PNG image"))
     return decoded
 
 
@@ -159,6 +264,8 @@ class HandlerSettings:
         backend: one of :data:`BACKENDS`; None follows the archived model file (``.pth`` torch, ``.onnx``
             onnxruntime, ``.engine`` tensorrt).
         fp16: autocast to half precision; used on GPU by the torch backend only.
+        threads: PyTorch intra-op threads of each worker (``torch.set_num_threads``); None keeps PyTorch's
+            default (the machine's physical cores).
     """
 
     score_thresholds: tuple[float, ...] | None = None
@@ -166,6 +273,7 @@ class HandlerSettings:
     max_detections: int | None = None
     backend: str | None = None
     fp16: bool = False
+    threads: int | None = None
 
     @classmethod
     def from_mapping(cls, block: Mapping | None) -> HandlerSettings:
@@ -194,7 +302,10 @@ class HandlerSettings:
         fp16 = block.get("fp16", False)
         if not isinstance(fp16, bool):
             raise ValueError(f"handler settings: fp16 must be true or false, got {fp16!r}")
-        return cls(thresholds, areas, max_detections, backend, fp16)
+        threads = block.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"handler settings: threads must be a positive integer or null, got {threads!r}")
+        return cls(thresholds, areas, max_detections, backend, fp16, threads)
 
     def apply(self, cfg) -> None:
         """Write the settings that are set into a Severstal config, in place."""
@@ -226,6 +337,7 @@ class ServingModel:
     def __init__(self, predictor, settings: HandlerSettings):
         self.predictor = predictor
         self.settings = settings
+        self.limits = ImageLimits.from_cfg(predictor.cfg)
 
     @classmethod
     def load(cls, model_dir: str | Path, weights_name: str = WEIGHTS_FILE, gpu_id: int | None = None,
@@ -238,18 +350,23 @@ class ServingModel:
             gpu_id: the GPU TorchServe assigned, or None.
             handler_block: the ``handler:`` block of model-config.yaml.
         """
+        import torch
+
         from severstal.model.backends import make_backend
         from severstal.model.config import load_bundle
         from severstal.model.predict import Predictor
 
         settings = HandlerSettings.from_mapping(handler_block)
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
         device = select_device(gpu_id)
         bundle = load_bundle(Path(model_dir) / weights_name, device=device)
         settings.apply(bundle.cfg)
         backend = make_backend(settings.backend, bundle.cfg, fp16=settings.fp16)
-        log.info("loaded %s on %s with %s (fp16 %s, score thresholds %s, min areas %s)", bundle.weights, device,
-                 type(backend).__name__, getattr(backend, "fp16", False), list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS),
-                 list(bundle.cfg.SEVERSTAL.MIN_AREAS))
+        log.info("loaded %s on %s with %s (fp16 %s, score thresholds %s, min areas %s, %d threads)", bundle.weights,
+                 device, type(backend).__name__, getattr(backend, "fp16", False),
+                 list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS), list(bundle.cfg.SEVERSTAL.MIN_AREAS),
+                 torch.get_num_threads())
         return cls(Predictor(bundle.cfg, backend=backend), settings)
 
     @classmethod
@@ -265,10 +382,40 @@ class ServingModel:
         return str(self.predictor.cfg.MODEL.DEVICE)
 
     def predict(self, items: Sequence[np.ndarray | BadRequest]) -> list[dict | BadRequest]:
-        """Predict all decoded images of a batch in one call; bad items pass through unchanged."""
+        """Predict all decoded images of a batch in one call; bad items pass through unchanged.
+
+        If that call fails, each image is predicted alone: an image that fails alone becomes its
+        :class:`ModelFailure` (logged with its index and size), and the others get their records.
+        """
         good = [i for i, item in enumerate(items) if not isinstance(item, BadRequest)]
         results: list[dict | BadRequest] = list(items)
-        if good:
-            for i, record in zip(good, self.predictor.predict([items[i] for i in good])):
-                results[i] = record
+        if not good:
+            return results
+        try:
+            records = self.predictor.predict([items[i] for i in good])
+        except Exception as err:
+            if len(good) == 1:
+                results[good[0]] = self._failure(err, good[0], len(items), items[good[0]])
+                return results
+            log.warning("a batch of %d images failed (%s: %s): predicting them one by one", len(good),
+                        type(err).__name__, err)
+            for i in good:
+                try:
+                    [results[i]] = self.predictor.predict([items[i]])
+                except Exception as alone:
+                    results[i] = self._failure(alone, i, len(items), items[i])
+            return results
+        for i, record in zip(good, records):
+            results[i] = record
         return results
+
+    @staticmethod
+    def _failure(err: Exception, index: int, batch: int, image: np.ndarray) -> ModelFailure:
+        """Log the model's failure on one image with what the image was; the request's error answer."""
+        height, width = image.shape[:2]
+        out_of_memory = isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+        log.error("the model failed on request %d of %d, a %dx%d image (dtype %s): %s: %s", index, batch, width,
+                  height, image.dtype, type(err).__name__, err, exc_info=err)
+        what = "ran out of memory" if out_of_memory else "failed"
+        return ModelFailure(f"the model {what} on this {width}x{height} image ({type(err).__name__}: {err}); "
+                            "the other requests of its batch were answered", out_of_memory)

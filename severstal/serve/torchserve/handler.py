@@ -25,11 +25,11 @@ class SeverstalHandler(BaseHandler):
         self.initialized = True
 
     def preprocess(self, data):
-        """Request dicts -> an image array, or a BadRequest, per request."""
-        return worker.decode_batch(data)
+        """Request dicts -> an image array, or a BadRequest (unreadable, or beyond the model's limits), per request."""
+        return worker.decode_batch(data, self.serving_model.limits)
 
     def inference(self, data, *args, **kwargs):
-        """Predict the whole batch in one call and emit the inference-time metric."""
+        """Predict the batch in one call (one by one if that fails) and emit the inference-time metric."""
         start = time.perf_counter()
         with torch.inference_mode():
             results = self.serving_model.predict(data)

@@ -1,0 +1,178 @@
+"""Precision and the default backend: chosen from the CPU's flags, fp32 always available, reduced precision
+keeping the answers (Dice against PyTorch fp32 >= 0.99 on real images), OpenVINO beside ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from severstal.bench.predict import PARITY_DICE, available_variants, parse_variants, records_dice
+from severstal.data.images import decode_image
+from severstal.files import PRECISION_ENV, backends_for, check_precision
+from severstal.model import backends
+from severstal.model.backends import (
+    BackendUnavailable,
+    OpenVinoBackend,
+    choose_backend,
+    cpu_flags,
+    cpu_has_bf16,
+    describe_backend,
+    make_backend,
+    openvino_missing,
+)
+from severstal.model.config import load_bundle
+from severstal.model.predict import Predictor
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})  # AMD Zen 3 / older Xeons: bf16 only emulated
+AMX = AVX2 | {"avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}  # Sapphire Rapids
+needs_openvino = pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
+
+
+def real_images(real_data: Path, count: int | None = None) -> list:
+    return [decode_image(p.read_bytes()) for p in sorted((real_data / "train_images").glob("*.jpg"))[:count]]
+
+
+@pytest.fixture(autouse=True)
+def no_precision_env(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+
+
+def test_bf16_is_chosen_from_the_cpu_flags_and_fp32_stays_available(monkeypatch):
+    assert cpu_has_bf16(AMX) and not cpu_has_bf16(AVX2)
+    assert str(choose_backend("run/model_final.pth", flags=AMX)) == (
+        "torch bf16 (runs the model file; the CPU has bf16 instructions)")
+    assert choose_backend("m.pth", flags=AVX2).precision == "fp32"
+    assert choose_backend("m.pth", precision="fp32", flags=AMX).precision == "fp32"
+    onnx = choose_backend("export/model.onnx", flags=AMX)
+    assert (onnx.backend, onnx.precision) == ("onnxruntime", "fp32")
+    assert choose_backend("model.onnx", backend="openvino", precision="bf16").reason == "asked; asked"
+    gpu = choose_backend("m.pth", device="cuda:0", fp16=True, flags=AMX)
+    assert (gpu.backend, gpu.precision) == ("torch", "fp16")
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert choose_backend("m.pth", flags=AMX).precision == "fp32"
+    assert choose_backend("m.pth", flags=AMX).reason.endswith(f"${PRECISION_ENV}")
+    assert backends_for("model.onnx") == ("onnxruntime", "openvino") and backends_for("m.pth") == ("torch",)
+    assert isinstance(cpu_flags(), frozenset)
+
+
+def test_unknown_or_unsupported_precisions_list_the_valid_ones(scratch_run, monkeypatch):
+    with pytest.raises(ValueError, match=re.escape("unknown precision 'int4'; valid precisions: ['fp32', 'bf16', "
+                                                   "'fp16']")):
+        check_precision("int4")
+    with pytest.raises(ValueError, match=re.escape("unknown precision 'bf16' for backend 'onnxruntime'; valid "
+                                                   "precisions: ['fp32']")):
+        choose_backend("model.onnx", precision="bf16")
+    with pytest.raises(ValueError, match="torch fp16 runs on a CUDA GPU only"):
+        make_backend(None, load_bundle(scratch_run, device="cpu"), precision="fp16")
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="unknown precision 'half' for backend 'torch'"):
+        choose_backend("m.pth")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        parse_variants("torch,torch:fp8")
+    assert parse_variants("onnxruntime,torch:bf16,onnxruntime") == [("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                                   ("torch", "bf16")]
+    assert available_variants()[0] == ("torch", "fp32")
+    assert (("torch", "bf16") in available_variants()) == cpu_has_bf16()
+
+
+def test_make_backend_says_what_runs_and_why(scratch_run, caplog, monkeypatch, capsys, real_data, tmp_path):
+    from severstal.cli import main
+
+    monkeypatch.setattr(backends, "cpu_flags", lambda: AVX2)
+    with caplog.at_level(logging.INFO, logger="severstal.model.backends"):
+        backend = make_backend(None, load_bundle(scratch_run, device="cpu"))
+    expected = "torch fp32 (runs the model file; the CPU has no bf16 instructions)"
+    assert describe_backend(backend) == expected and f"prediction backend: {expected}" in caplog.text
+    monkeypatch.setattr(backends, "cpu_flags", lambda: AMX)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(next((real_data / "train_images").glob("*.jpg")).read_bytes())
+    assert main(["predict", "--weights", str(scratch_run), "--images", str(images), "--out", str(tmp_path / "s.csv"),
+                 "--precision", "fp32"]) == 0
+    assert "backend: torch fp32 (runs the model file; asked)" in capsys.readouterr().out
+
+
+def test_torch_bf16_keeps_the_answers_on_real_images(low_floor_run, real_data):
+    # Where bf16 is native the whole real sample; elsewhere it is emulated (~8x slower, same rounding): 12 images.
+    images = real_images(real_data, None if cpu_has_bf16() else 12)
+    reference = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32")
+    bf16 = Predictor.from_weights(low_floor_run, device="cpu", precision="bf16")
+    assert (reference.backend.precision, bf16.backend.precision) == ("fp32", "bf16")
+    expected, records = reference.predict(images), bf16.predict(images)
+    assert sum(len(r["defects"]) for r in expected) >= len(images)  # detections to compare
+    assert records_dice(records, expected) >= PARITY_DICE
+
+
+@needs_openvino
+def test_openvino_matches_pytorch_fp32_on_real_images(onnx_export, low_floor_run, real_data):
+    images = real_images(real_data, 12)
+    openvino = Predictor.from_weights(onnx_export, device="cpu", backend="openvino", precision="fp32")
+    assert isinstance(openvino.backend, OpenVinoBackend) and openvino.backend.precision == "fp32"
+    # The precision is set explicitly: OpenVINO would pick bf16 by itself on a CPU that has it.
+    assert str(openvino.backend.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    expected = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32").predict(images)
+    records = openvino.predict(images)
+    assert sum(len(r["defects"]) for r in expected) >= len(images)
+    assert [len(r["defects"]) for r in records] == [len(r["defects"]) for r in expected]
+    assert records_dice(records, expected) >= PARITY_DICE
+    tensor = openvino.preprocess(images[0])
+    reference = Predictor.from_weights(low_floor_run, precision="fp32")
+    [full], [torch_raw] = openvino.backend.run([tensor]), reference.backend.run([tensor])
+    assert torch.allclose(full.scores, torch_raw.scores, atol=1e-3)
+
+
+@needs_openvino
+@pytest.mark.skipif(not cpu_has_bf16(), reason="OpenVINO runs bf16 only on CPUs with AVX512-BF16/AMX (else f32)")
+def test_openvino_bf16_keeps_the_answers_on_real_images(onnx_export, low_floor_run, real_data):
+    images = real_images(real_data)
+    openvino = Predictor.from_weights(onnx_export, device="cpu", backend="openvino", precision="bf16")
+    assert openvino.backend.precision == "bf16"
+    expected = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32").predict(images)
+    assert sum(len(r["defects"]) for r in expected) >= len(images)
+    assert records_dice(openvino.predict(images), expected) >= PARITY_DICE
+
+
+@needs_openvino
+def test_openvino_handles_images_without_detections_and_caps(trained_run, onnx_export, real_data, tmp_path):
+    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.export import export_onnx
+
+    image = real_images(real_data, 1)[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").symlink_to(trained_run / "model_final.pth")
+    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
+    (run / CONFIG_FILE).write_text(cfg.dump())
+    path = export_onnx(run, tmp_path / "plain")  # a score floor that no detection reaches
+    predictor = Predictor.from_weights(path.parent, device="cpu", backend="openvino")
+    [raw] = predictor.backend.run([predictor.preprocess(image)])
+    assert raw.boxes.shape == (0, 4) and raw.mask_probs.shape[0] == 0
+    assert predictor.predict([image])[0]["defects"] == []
+    [capped] = OpenVinoBackend(onnx_export / "model.onnx", max_detections=5).run([predictor.preprocess(image)])
+    assert len(capped.scores) == 5
+
+
+def test_openvino_missing_says_how_to_install(monkeypatch, onnx_export):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else
+                        real_find_spec(name, *a))
+    with pytest.raises(BackendUnavailable, match=re.escape("OpenVINO is unavailable: the openvino package is not "
+                                                           "installed (pip install 'severstal[openvino]')")):
+        make_backend("openvino", load_bundle(onnx_export, device="cpu"))
+    assert choose_backend("model.onnx").backend == "onnxruntime"
+
+
+def test_importing_the_package_loads_no_optional_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, severstal, severstal.model.backends, severstal.model.predict, severstal.cli; "
+            "print(sorted(m for m in ('openvino', 'tensorrt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
