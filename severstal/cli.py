@@ -151,8 +151,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--backend", help="torch, onnxruntime, openvino or tensorrt (default: from the weights "
                                           "file: .pth torch, .onnx onnxruntime, .engine tensorrt)")
-    parser.add_argument("--precision", help="fp32, bf16 or fp16 where the backend has it (default: bf16 for torch on "
-                                            "a CPU with bf16 instructions, else fp32; or $SEVERSTAL_PRECISION)")
+    parser.add_argument("--precision", help="fp32, bf16 (torch on a CPU with bf16 instructions) or fp16 (GPU) where "
+                                            "the backend has it (default: fp32, or $SEVERSTAL_PRECISION)")
     ray = parser.add_argument_group("Ray (pip install 'severstal[ray]')")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="predict on Ray Data with a pool of model actors; no ADDRESS: a local Ray for this run; "
@@ -209,9 +209,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from severstal.demo import DemoSettings  # no heavy import: the demo module imports its stages when run
+
     parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for every output of the demo")
-    parser.add_argument("--images", type=int, default=300, help="synthetic training images")
-    parser.add_argument("--iterations", type=int, default=500, help="training iterations")
+    defaults = DemoSettings()
+    parser.add_argument("--images", type=int, default=defaults.train_images, help="synthetic training images")
+    parser.add_argument("--iterations", type=int, default=defaults.max_iter, help="training iterations")
 
 
 @command("demo", "The whole pipeline on synthetic data, offline: synth, train, evaluate, predict, serve.",
@@ -248,6 +251,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="tensorrt: allow half-precision kernels")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or newer)")
     parser.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnx-simplifier")
+    parser.add_argument("--score-floor", type=float, help="score floor frozen into the graph (default: the run's "
+                        "lowest tuned threshold, else the config's MODEL.ROI_HEADS.SCORE_THRESH_TEST)")
 
 
 @command("export", "Export a trained model to ONNX (simplified, checked) or a TensorRT engine.", _export_arguments)
@@ -261,7 +266,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         onnx = args.weights if args.weights.suffix == ".onnx" else None
         if onnx is None:
-            onnx = export_onnx(args.weights, args.out, opset=args.opset, simplify=args.simplify)
+            onnx = export_onnx(args.weights, args.out, opset=args.opset, simplify=args.simplify,
+                               score_floor=args.score_floor)
             print(f"onnx: {onnx} ({onnx.stat().st_size / 1e6:.1f} MB)")
         if args.format == "tensorrt":
             engine = export_tensorrt(onnx, args.out, fp16=args.fp16)
@@ -513,7 +519,7 @@ def _bench_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="PyTorch reference: .pth weights or run folder")
     parser.add_argument("--backends", default="all",
                         help="comma-separated BACKEND[:PRECISION]: torch, torch:bf16, onnxruntime, openvino, "
-                             "openvino:bf16, tensorrt, ... (torch fp32 always runs: it is the reference); default all: "
+                             "tensorrt, tensorrt:fp16, ... (torch fp32 always runs: it is the reference); default all: "
                              "every backend installed here, and bf16 where the CPU has bf16 instructions")
     parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images")
     parser.add_argument("--batch-size", type=int, default=1, help="images per call, the same for every backend")

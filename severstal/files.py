@@ -49,7 +49,7 @@ BACKEND_SUFFIXES = {"torch": (".pth", ".pkl"), "onnxruntime": (".onnx",), "openv
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid precision names: ``severstal predict --precision``, ``$SEVERSTAL_PRECISION``."""
-BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16"),
+BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",), "openvino": ("fp32",),
                       "tensorrt": ("fp32", "fp16")}
 """The precisions each backend runs: torch bf16 is CPU autocast and fp16 CUDA autocast; OpenVINO's is its
 inference precision hint; a TensorRT engine's is fixed when it is built (``severstal export --fp16``)."""

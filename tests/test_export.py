@@ -205,3 +205,31 @@ def test_tensorrt_engine_matches_pytorch(onnx_export, low_floor_run, real_data, 
             assert abs(len(other.scores) - len(ref.scores)) <= 2
         else:
             assert_same_detections(ref, other, box_tolerance=0.5, min_dice=0.99)
+
+
+def test_an_export_freezes_the_lowest_tuned_threshold_as_its_floor(low_floor_run, onnx_export, real_data, tmp_path):
+    from severstal.cli import main
+    from severstal.model.config import CONFIG_FILE, THRESHOLDS_FILE
+    from severstal.model.export import export_score_floor
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").symlink_to(low_floor_run / "model_final.pth")
+    (run / CONFIG_FILE).symlink_to(low_floor_run / CONFIG_FILE)
+    assert export_score_floor(load_bundle(run, device="cpu")) == pytest.approx(0.001)  # untuned: the config's
+    (run / THRESHOLDS_FILE).write_text(json.dumps({"score_thresholds": [0.3, 0.02, 0.4, 0.5], "min_areas": [0] * 4}))
+    assert export_score_floor(load_bundle(run, device="cpu")) == pytest.approx(0.02)
+
+    # A floor that drops about half of the rows of the export with the config's floor (0.001).
+    tensors = [Predictor.from_weights(run, device="cpu").preprocess(image) for image in real_images(real_data, 3)]
+    full = OnnxRuntimeBackend(onnx_export / "model.onnx").run(tensors)
+    scores = np.sort(torch.cat([r.scores for r in full]).numpy())
+    floor = float(scores[len(scores) // 2 - 1 : len(scores) // 2 + 1].mean())  # between two scores, equal to none
+    assert main(["export", "--weights", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx"),
+                 "--score-floor", str(floor)]) == 0
+    assert load_bundle(tmp_path / "onnx", device="cpu").cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(floor)
+    raised = OnnxRuntimeBackend(tmp_path / "onnx" / "model.onnx").run(tensors)
+    assert 0 < sum(len(r.scores) for r in raised) < sum(len(r.scores) for r in full)
+    for a, b in zip(raised, OnnxRuntimeBackend(onnx_export / "model.onnx").run(tensors, min_score=floor)):
+        assert torch.equal(a.classes, b.classes)
+        assert torch.allclose(a.scores, b.scores, atol=1e-5) and torch.allclose(a.boxes, b.boxes, atol=1e-3)

@@ -41,15 +41,18 @@ def no_precision_env(monkeypatch):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
 
 
-def test_bf16_is_chosen_from_the_cpu_flags_and_fp32_stays_available(monkeypatch):
+def test_fp32_is_the_default_and_bf16_runs_when_asked(monkeypatch):
     assert cpu_has_bf16(AMX) and not cpu_has_bf16(AVX2)
-    assert str(choose_backend("run/model_final.pth", flags=AMX)) == (
-        "torch bf16 (runs the model file; the CPU has bf16 instructions)")
+    assert str(choose_backend("run/model_final.pth", flags=AMX)) == "torch fp32 (runs the model file; torch's default)"
     assert choose_backend("m.pth", flags=AVX2).precision == "fp32"
-    assert choose_backend("m.pth", precision="fp32", flags=AMX).precision == "fp32"
+    assert choose_backend("m.pth", precision="bf16", flags=AMX).reason == "runs the model file; asked"
+    assert "emulated" in choose_backend("m.pth", precision="bf16", flags=AVX2).reason
     onnx = choose_backend("export/model.onnx", flags=AMX)
     assert (onnx.backend, onnx.precision) == ("onnxruntime", "fp32")
-    assert choose_backend("model.onnx", backend="openvino", precision="bf16").reason == "asked; asked"
+    assert choose_backend("model.onnx", backend="openvino", precision="fp32").reason == "asked; asked"
+    with pytest.raises(ValueError, match=re.escape("unknown precision 'bf16' for backend 'openvino'; valid precisions: "
+                                                   "['fp32']")):  # it lost answers on AMX (backends.OpenVinoBackend)
+        choose_backend("model.onnx", backend="openvino", precision="bf16")
     gpu = choose_backend("m.pth", device="cuda:0", fp16=True, flags=AMX)
     assert (gpu.backend, gpu.precision) == ("torch", "fp16")
     monkeypatch.setenv(PRECISION_ENV, "fp32")
@@ -85,7 +88,7 @@ def test_make_backend_says_what_runs_and_why(scratch_run, caplog, monkeypatch, c
     monkeypatch.setattr(backends, "cpu_flags", lambda: AVX2)
     with caplog.at_level(logging.INFO, logger="severstal.model.backends"):
         backend = make_backend(None, load_bundle(scratch_run, device="cpu"))
-    expected = "torch fp32 (runs the model file; the CPU has no bf16 instructions)"
+    expected = "torch fp32 (runs the model file; torch's default)"
     assert describe_backend(backend) == expected and f"prediction backend: {expected}" in caplog.text
     monkeypatch.setattr(backends, "cpu_flags", lambda: AMX)
     images = tmp_path / "images"
@@ -96,15 +99,18 @@ def test_make_backend_says_what_runs_and_why(scratch_run, caplog, monkeypatch, c
     assert "backend: torch fp32 (runs the model file; asked)" in capsys.readouterr().out
 
 
-def test_torch_bf16_keeps_the_answers_on_real_images(low_floor_run, real_data):
+def test_torch_bf16_stays_close_to_fp32_on_real_images(low_floor_run, real_data):
     # Where bf16 is native the whole real sample; elsewhere it is emulated (~8x slower, same rounding): 12 images.
+    # The 6-iteration model's many detections sit at its 0.005 thresholds, the hardest case for any rounding:
+    # it scored 0.982-0.995 here, which is why bf16 is not a default; the demo's trained model keeps 1.0000
+    # (severstal bench predict).
     images = real_images(real_data, None if cpu_has_bf16() else 12)
     reference = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32")
     bf16 = Predictor.from_weights(low_floor_run, device="cpu", precision="bf16")
     assert (reference.backend.precision, bf16.backend.precision) == ("fp32", "bf16")
     expected, records = reference.predict(images), bf16.predict(images)
     assert sum(len(r["defects"]) for r in expected) >= len(images)  # detections to compare
-    assert records_dice(records, expected) >= PARITY_DICE
+    assert records_dice(records, expected) >= 0.97
 
 
 @needs_openvino
@@ -123,17 +129,6 @@ def test_openvino_matches_pytorch_fp32_on_real_images(onnx_export, low_floor_run
     reference = Predictor.from_weights(low_floor_run, precision="fp32")
     [full], [torch_raw] = openvino.backend.run([tensor]), reference.backend.run([tensor])
     assert torch.allclose(full.scores, torch_raw.scores, atol=1e-3)
-
-
-@needs_openvino
-@pytest.mark.skipif(not cpu_has_bf16(), reason="OpenVINO runs bf16 only on CPUs with AVX512-BF16/AMX (else f32)")
-def test_openvino_bf16_keeps_the_answers_on_real_images(onnx_export, low_floor_run, real_data):
-    images = real_images(real_data)
-    openvino = Predictor.from_weights(onnx_export, device="cpu", backend="openvino", precision="bf16")
-    assert openvino.backend.precision == "bf16"
-    expected = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32").predict(images)
-    assert sum(len(r["defects"]) for r in expected) >= len(images)
-    assert records_dice(openvino.predict(images), expected) >= PARITY_DICE
 
 
 @needs_openvino

@@ -181,3 +181,30 @@ def test_ray_options_without_ray_are_refused(scratch_run, tmp_path, capsys):
     args = ["predict", "--weights", str(scratch_run), "--images", str(tmp_path), "--out", str(tmp_path / "s.csv")]
     assert main(args + ["--actors", "2"]) == 2
     assert "--actors need(s) --ray" in capsys.readouterr().err
+
+
+def test_the_backend_skips_masks_under_the_lowest_threshold_and_keeps_the_answers(low_floor_run, real_data):
+    """predict tells the backend its lowest class threshold: fewer detections reach the mask head, and the
+    records are those of the full floor, thresholded afterwards (NMS and the cap only ever drop lower scores)."""
+    from severstal.data.images import read_image
+
+    predictor = Predictor.from_weights(low_floor_run, device="cpu", precision="fp32")
+    images = [read_image(p) for p in sorted((real_data / "train_images").glob("*.jpg"))[:4]]
+    tensors = [predictor.preprocess(image) for image in images]
+    full = predictor.backend.run(tensors)
+    threshold = float(np.median(torch.cat([r.scores for r in full]).numpy()))
+    skipped = predictor.backend.run(tensors, min_score=threshold)
+    assert 0 < sum(len(r.scores) for r in skipped) < sum(len(r.scores) for r in full)
+    assert all((r.scores >= threshold).all() for r in skipped)
+
+    predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS = [threshold] * 4
+    expected = [make_record(d, [threshold] * 4, [0] * 4) for d in predictor.detect(images)]  # the full floor
+    records = predictor.predict(images)
+    assert sum(len(r["defects"]) for r in records) > 0
+    for record, reference in zip(records, expected):
+        assert [(d["class_id"], d["bbox"]) for d in record["defects"]] == \
+               [(d["class_id"], d["bbox"]) for d in reference["defects"]]
+        assert [d["score"] for d in record["defects"]] == pytest.approx([d["score"] for d in reference["defects"]])
+        for class_id, rle in reference["classes"].items():
+            mine, theirs = rle_to_mask(record["classes"][class_id]), rle_to_mask(rle)
+            assert (mine == theirs).mean() > 0.9999

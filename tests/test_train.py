@@ -42,3 +42,37 @@ def test_several_processes_without_gpus_are_refused(synthetic_data, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA"):
         train(synthetic_data, "small", tmp_path, num_gpus=2)
+
+
+def test_amp_on_a_cpu_trains_the_backbone_in_bf16(synthetic_data, tmp_path, monkeypatch):
+    """Detectron2's AMPTrainer needs CUDA; on a CPU SOLVER.AMP.ENABLED runs the backbone under bf16 autocast."""
+    from detectron2.engine import SimpleTrainer
+
+    from severstal.model import train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    opts = ["SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "2", "DATALOADER.NUM_WORKERS", "0"]
+    with pytest.raises(ValueError, match="lacks"):  # emulated bf16 would be slower than fp32: refused
+        train_module.train(synthetic_data, "small", tmp_path / "refused", opts)
+
+    cfg = setup_cfg(synthetic_data, "small", tmp_path / "run", opts)
+    cfg.MODEL.DEVICE = "cpu"
+    split = train_module.register_data_dir(synthetic_data, train_module.TRAIN_SPLIT, train_module.VAL_SPLIT)
+    try:
+        trainer = train_module.SeverstalTrainer(cfg)
+        assert type(trainer._trainer) is SimpleTrainer
+        backbone = trainer.model.backbone
+        image = torch.zeros(1, 3, 128, 800)
+        assert all(f.dtype == torch.float32 for f in backbone(image).values())  # handed on in fp32
+        seen = []  # the stem's convolution computes in bf16, its GroupNorm in fp32
+        norm = backbone.bottom_up.stem.conv1.norm
+        hook = norm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+        backbone(image)
+        hook.remove()
+        assert seen == [(torch.bfloat16, torch.float32)]
+        trainer.train()
+        assert all(v.dtype == torch.float32 for v in trainer.model.state_dict().values() if v.is_floating_point())
+        assert split["train"]
+    finally:
+        for name in (train_module.TRAIN_SPLIT, train_module.VAL_SPLIT):
+            train_module.unregister(name)

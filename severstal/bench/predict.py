@@ -5,6 +5,7 @@ network alone, checking that their masks agree with PyTorch fp32's (Dice >= :dat
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -34,7 +35,7 @@ def parse_variants(specs: Sequence[str] | str | None, device: str = "cpu") -> li
     """``backend[:precision]`` names -> ``(backend, precision)`` pairs, PyTorch fp32 (the reference) first.
 
     Args:
-        specs: e.g. ``["torch", "torch:bf16", "onnxruntime", "openvino:bf16"]`` or one comma-separated string;
+        specs: e.g. ``["torch", "torch:bf16", "onnxruntime", "openvino"]`` or one comma-separated string;
             a name without a precision means fp32; None or "all": :func:`available_variants`.
         device: "cpu" or "cuda[:N]", for "all".
 
@@ -57,7 +58,7 @@ def parse_variants(specs: Sequence[str] | str | None, device: str = "cpu") -> li
 def available_variants(device: str = "cpu") -> list[tuple[str, str]]:
     """Every backend installed here at fp32, and at each reduced precision this hardware computes natively.
 
-    On a CPU: bf16 for torch and openvino where the CPU has bf16 instructions (elsewhere bf16 is emulated,
+    On a CPU: bf16 for torch where the CPU has bf16 instructions (elsewhere bf16 is emulated,
     ~8x slower; ask for it by name to measure it anyway). On a GPU: torch fp16, and TensorRT where it runs.
     """
     cpu = not str(device).startswith("cuda")
@@ -66,7 +67,7 @@ def available_variants(device: str = "cpu") -> list[tuple[str, str]]:
     backends += [] if cpu or tensorrt_missing() else ["tensorrt"]
     variants += [(b, "fp32") for b in backends]
     if cpu and cpu_has_bf16():
-        variants += [(b, "bf16") for b in ("torch", "openvino") if (b, "fp32") in variants]
+        variants += [("torch", "bf16")]
     elif not cpu:
         variants += [("torch", "fp16")]
     return [v for v in variants if v[1] in BACKEND_PRECISIONS[v[0]]]
@@ -171,8 +172,9 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
         e2e = _interleaved_timings({key: lambda batch, p=p: p.predict([decode_image(b) for b in batch])
                                     for key, p in predictors.items()}, bodies, batch_size, repeats)
         tensors = [predictors[REFERENCE].preprocess(decode_image(b)) for b in bodies]
-        net = _interleaved_timings({key: p.backend.run for key, p in predictors.items()}, tensors, batch_size,
-                                   repeats)
+        # The network as predict runs it: told the lowest class threshold (see Backend.run).
+        net = _interleaved_timings({key: functools.partial(p.backend.run, min_score=min(p.thresholds[0]))
+                                    for key, p in predictors.items()}, tensors, batch_size, repeats)
         records = {key: p.predict([decode_image(b) for b in bodies]) for key, p in predictors.items()}
     finally:
         torch.set_num_threads(previous_threads)

@@ -71,7 +71,7 @@ def profile_predict(weights: str | Path, image: str | Path, repeats: int = 5, pr
                 lap()
                 proposals, _ = model.proposal_generator(batch, features, None)
                 lap()
-                instances = model.roi_heads._forward_box(features, proposals)
+                instances = backend.detect_boxes(features, proposals, min_score=min(thresholds))
                 lap()
                 instances = model.roi_heads.forward_with_given_boxes(features, instances)
                 lap()

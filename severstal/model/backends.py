@@ -20,10 +20,12 @@ tensorrt    :class:`TensorRTBackend`       ``.engine`` / ``.plan``
 * the backend runs the model file: a ``.pth`` only runs on PyTorch (export it for the others), an engine
   only on TensorRT; an ``.onnx`` runs on ONNX Runtime (:data:`ONNX_DEFAULT`, measured fastest on the CPUs
   we had; OpenVINO runs it when asked);
-* the precision is fp32 except where a reduced one was measured faster *and* kept the answers (Dice
-  against fp32 >= 0.99 on the real sample, ``tests/test_precision.py``): PyTorch with its backbone in bf16
-  on a CPU with bf16 instructions (AVX512-BF16 or AMX, read from the CPU's flags, :func:`cpu_has_bf16`),
-  fp16 autocast on a GPU when ``fp16`` is asked. Without bf16 instructions bf16 is emulated and ~8x slower.
+* the precision is fp32, or fp16 autocast on a GPU when ``fp16`` is asked. PyTorch's bf16 backbone
+  (:func:`bf16_backbone`) runs when asked, on a CPU with bf16 instructions (AVX512-BF16 or AMX, read from
+  the CPU's flags, :func:`cpu_has_bf16`; elsewhere it is emulated and ~8x slower). It is not the default:
+  on 2 AMX cores it was only 1.1x faster end to end, and although it kept a trained model's answers
+  (Dice 1.0000 against fp32, ``severstal bench predict``) it moved those of the barely trained test model
+  (0.982-0.995, ``tests/test_precision.py``), whose many detections sit at their thresholds.
 * ``precision="fp32"`` (``severstal predict --precision fp32``, or ``$SEVERSTAL_PRECISION=fp32`` for the
   handler) always gives full precision.
 
@@ -84,9 +86,15 @@ class RawOutput:
 
 
 class Backend(Protocol):
-    """Runs the network on a batch of preprocessed images (3 x H x W float32, BGR, unnormalised)."""
+    """Runs the network on a batch of preprocessed images (3 x H x W float32, BGR, unnormalised).
 
-    def run(self, images: list[torch.Tensor]) -> list[RawOutput]: ...
+    ``run`` returns the detections above the model's score floor that score at least ``min_score``. The
+    caller passes its lowest class threshold (the others would be dropped anyway) so that a backend can skip
+    work on them: PyTorch computes masks only for them (:meth:`TorchBackend.detect_boxes`); an exported
+    graph's floor is frozen at export (``severstal export --score-floor``), so its rows are only filtered.
+    """
+
+    def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]: ...
 
 
 class TorchBackend:
@@ -117,6 +125,8 @@ class TorchBackend:
         DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.precision = precision
         self.fp16 = precision == "fp16"
+        if precision == "bf16":
+            bf16_backbone(self.model.backbone)
 
     def autocast(self):
         """The context the model runs in: inference mode, and fp16 autocast for the whole model on a GPU."""
@@ -126,28 +136,87 @@ class TorchBackend:
         return stack
 
     def features(self, batch) -> dict[str, torch.Tensor]:
-        """The backbone's feature maps of a padded ``ImageList``, in bf16 for precision "bf16", returned as fp32."""
-        if self.precision != "bf16":
-            return self.model.backbone(batch.tensor)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            features = self.model.backbone(batch.tensor)
-        return {name: value.float() for name, value in features.items()}
+        """The backbone's feature maps of a padded ``ImageList`` (fp32; computed as :func:`bf16_backbone` says for
+        precision "bf16")."""
+        return self.model.backbone(batch.tensor)
 
-    def run(self, images: list[torch.Tensor]) -> list[RawOutput]:
+    def detect_boxes(self, features: dict[str, torch.Tensor], proposals, min_score: float = 0.0):
+        """The ROI box head and per-class NMS (Detectron2's ``_forward_box``), keeping detections that score at
+        least ``min_score`` as well as above the config's floor (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``).
+
+        The same detections as the config's floor, less those under ``min_score``: NMS only lets a box suppress
+        lower-scoring ones, and the cap keeps the highest scores. The mask head, which runs per detection,
+        then has less to do (with a floor of 0.05 most of its detections are ones no class threshold keeps).
+        """
+        heads = self.model.roi_heads
+        box_predictor = heads.box_predictor
+        # fast_rcnn_inference keeps scores strictly above its floor: the largest float32 under min_score.
+        floor = float(np.nextafter(np.float32(min_score), np.float32(-np.inf)))
+        if floor <= box_predictor.test_score_thresh:
+            return heads._forward_box(features, proposals)
+        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+        pooled = heads.box_pooler([features[name] for name in heads.box_in_features],
+                                  [p.proposal_boxes for p in proposals])
+        predictions = box_predictor(heads.box_head(pooled))
+        instances, _ = fast_rcnn_inference(box_predictor.predict_boxes(predictions, proposals),
+                                           box_predictor.predict_probs(predictions, proposals),
+                                           [p.image_size for p in proposals], floor, box_predictor.test_nms_thresh,
+                                           box_predictor.test_topk_per_image)
+        return instances
+
+    def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]:
         # The stages of GeneralizedRCNN.inference(do_postprocess=False), with the backbone at this precision.
         model = self.model
         with self.autocast():
             batch = model.preprocess_image([{"image": image.to(self.device)} for image in images])
             features = self.features(batch)
             proposals, _ = model.proposal_generator(batch, features, None)
-            results, _ = model.roi_heads(batch, features, proposals, None)
+            instances = self.detect_boxes(features, proposals, min_score)
+            results = model.roi_heads.forward_with_given_boxes(features, instances)
         return [raw_output(r) for r in results]
+
+
+def bf16_backbone(backbone: torch.nn.Module) -> None:
+    """Make a Detectron2 backbone (ResNet + FPN) compute in bfloat16 on the CPU and hand on fp32 features.
+
+    Its convolutions run under bf16 autocast; its GroupNorm layers run in fp32, so the normalisation and the
+    residual additions after them stay fp32 (CPU autocast would leave both in bf16). The RPN and ROI heads
+    then get fp32 features: with the heads in bf16 too the thresholded mask logits moved enough to lose answers.
+    Prediction (precision "bf16") and training (``SOLVER.AMP.ENABLED`` on a CPU) both use it; the module's
+    weights and state dict are unchanged.
+    """
+    for norm in backbone.modules():
+        if isinstance(norm, torch.nn.GroupNorm):
+            norm.forward = functools.partial(_forward_in_fp32, norm.forward)
+    forward = backbone.forward
+
+    def bf16_forward(images):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = forward(images)
+        return {name: value.float() for name, value in features.items()}
+
+    backbone.forward = bf16_forward
+
+
+def _forward_in_fp32(forward, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return forward(x.float())
 
 
 def raw_output(instances) -> RawOutput:
     """Detectron2 ``Instances`` of ``model.inference(..., do_postprocess=False)`` -> :class:`RawOutput` (CPU, fp32)."""
     return RawOutput(boxes=instances.pred_boxes.tensor.float().cpu(), scores=instances.scores.float().cpu(),
                      classes=instances.pred_classes.cpu(), mask_probs=instances.pred_masks[:, 0].float().cpu())
+
+
+def exported_output(out: dict[str, torch.Tensor], max_detections: int | None, min_score: float) -> RawOutput:
+    """An exported graph's outputs for one image (rows sorted by decreasing score) -> :class:`RawOutput`: the
+    first ``max_detections`` rows, of those the ones scoring at least ``min_score``."""
+    out = {name: value[:max_detections] for name, value in out.items()}
+    keep = out["scores"] >= min_score
+    return RawOutput(boxes=out["boxes"][keep].float(), scores=out["scores"][keep].float(),
+                     classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float())
 
 
 class BackendUnavailable(RuntimeError):
@@ -232,12 +301,11 @@ def choose_backend(model_file: str | Path, device: str = "cpu", backend: str | N
         why = "asked"
     elif backend in ("torch", "tensorrt") and not cpu:
         precision, why = ("fp16", "fp16 asked") if fp16 else ("fp32", "GPU default")
-    elif backend == "torch" and cpu_has_bf16(flags):
-        precision, why = "bf16", "the CPU has bf16 instructions"
     else:
-        precision = "fp32"
-        why = "the CPU has no bf16 instructions" if backend == "torch" else f"{backend}'s default"
+        precision, why = "fp32", f"{backend}'s default"
     check_precision(precision, backend)
+    if precision == "bf16" and not cpu_has_bf16(flags):
+        why += "; emulated: this CPU has no bf16 instructions, expect it several times slower than fp32"
     return BackendChoice(backend, precision, f"{reason}; {why}")
 
 
@@ -356,15 +424,13 @@ class OnnxRuntimeBackend:
         self.providers = self.session.get_providers()
         self.precision = "fp32"
 
-    def run(self, images: list[torch.Tensor]) -> list[RawOutput]:
+    def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]:
         """Args: ``(3, H, W) float32`` tensors (BGR, 0..255). Returns one :class:`RawOutput` per image."""
         results = []
         for image in images:
             values = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.detach().cpu().numpy()})
             out = dict(zip(OUTPUT_NAMES, (torch.from_numpy(np.asarray(v)) for v in values)))
-            keep = slice(None, self.max_detections)
-            results.append(RawOutput(boxes=out["boxes"][keep].float(), scores=out["scores"][keep].float(),
-                                     classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float()))
+            results.append(exported_output(out, self.max_detections, min_score))
         return results
 
 
@@ -375,20 +441,16 @@ def openvino_missing() -> str | None:
     return None
 
 
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-"""Our precision names -> OpenVINO's ``INFERENCE_PRECISION_HINT`` values."""
-
-
 class OpenVinoBackend:
     """Runs an exported ``model.onnx`` with OpenVINO on the CPU, one image per inference request.
 
-    The precision is set explicitly: OpenVINO's CPU plugin otherwise runs in bf16 by itself on CPUs with
-    AVX512-BF16/AMX, which changed detections in an earlier look. A bf16 hint on a CPU without bf16
-    instructions runs in f32 (OpenVINO's choice); ``precision`` says what actually runs.
+    fp32 is set explicitly: OpenVINO's CPU plugin otherwise runs the whole graph in bf16 by itself on CPUs with
+    AVX512-BF16/AMX, and that loses answers (Dice 0.969 against PyTorch fp32 on 24 real images with the demo's
+    model, 2 AMX cores; the ROI heads' mask logits move), so it is not offered.
 
     Args:
         onnx_path: the file of ``severstal.model.export.export_onnx``.
-        precision: "fp32" or "bf16".
+        precision: "fp32" (the only one; checked so that a request for another fails clearly).
         threads: inference threads; None: OpenVINO's default (one per physical core).
         max_detections: keep at most this many detections per image (the highest scoring).
 
@@ -411,16 +473,12 @@ class OpenVinoBackend:
         model = core.read_model(str(self.path))
         _check_io([name for i in model.inputs for name in sorted(i.get_names())],
                   [name for o in model.outputs for name in sorted(o.get_names())], str(self.path))
-        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        actual = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.precision = {openvino.Type.f32: "fp32", openvino.Type.bf16: "bf16"}.get(actual, str(actual))
-        if self.precision != precision:
-            log.warning("OpenVINO runs %s in %s, not %s: this CPU lacks the instructions", self.path.name,
-                        self.precision, precision)
+        self.precision = precision
         self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
         metadata = _onnx_metadata(self.path)
         exported = metadata.get(METADATA_KEYS["detections_per_image"])
@@ -430,7 +488,7 @@ class OpenVinoBackend:
         self.score_floor = float(heads.get("SCORE_THRESH_TEST", 0.0))
         self.num_classes = int(heads.get("NUM_CLASSES", 4))
 
-    def run(self, images: list[torch.Tensor]) -> list[RawOutput]:
+    def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]:
         """Args: ``(3, H, W) float32`` tensors (BGR, 0..255). Returns one :class:`RawOutput` per image."""
         results = []
         for image in images:
@@ -440,10 +498,8 @@ class OpenVinoBackend:
             # OpenVINO 2026.4 answers an image without detections with one row of uninitialised memory
             # instead of none: real rows always pass the graph's own score floor and have a valid class.
             valid = (out["scores"] >= self.score_floor) & (out["classes"] >= 0) & (out["classes"] < self.num_classes)
-            out = {name: value[valid] for name, value in out.items()}
-            keep = slice(None, self.max_detections)
-            results.append(RawOutput(boxes=out["boxes"][keep].float(), scores=out["scores"][keep].float(),
-                                     classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float()))
+            results.append(exported_output({name: value[valid] for name, value in out.items()}, self.max_detections,
+                                           min_score))
         return results
 
 
@@ -523,7 +579,7 @@ class TensorRTBackend:
             self.context.set_output_allocator(name, self.allocator)
         self.max_detections = max_detections
 
-    def run(self, images: list[torch.Tensor]) -> list[RawOutput]:
+    def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]:
         """Args: ``(3, H, W) float32`` tensors (BGR, 0..255). Returns one :class:`RawOutput` per image (CPU)."""
         results = []
         stream = torch.cuda.current_stream(self.device)
@@ -534,11 +590,8 @@ class TensorRTBackend:
             if not self.context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run {self.path.name} on an input of shape {tuple(x.shape)}")
             stream.synchronize()
-            out = {name: self.allocator.tensor(name, self.dtypes[name]) for name in OUTPUT_NAMES}
-            keep = slice(None, self.max_detections)
-            results.append(RawOutput(boxes=out["boxes"][keep].float().cpu(), scores=out["scores"][keep].float().cpu(),
-                                     classes=out["classes"][keep].long().cpu(),
-                                     mask_probs=out["mask_probs"][keep].float().cpu()))
+            out = {name: self.allocator.tensor(name, self.dtypes[name]).cpu() for name in OUTPUT_NAMES}
+            results.append(exported_output(out, self.max_detections, min_score))
         return results
 
 

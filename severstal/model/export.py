@@ -11,8 +11,10 @@ The ONNX graph is Detectron2's model traced through ``TracingAdapter`` around
 * outputs, in the coordinates of that input (exactly ``severstal.model.predict.RawOutput``):
   ``boxes (N, 4) float32`` XYXY, ``scores (N,) float32``, ``classes (N,) int64`` (0-based),
   ``mask_probs (N, 28, 28) float32`` (sigmoid probabilities inside each box; pasting is the caller's).
-* constants frozen at export: the score floor (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``), the NMS IoU and
-  ``TEST.DETECTIONS_PER_IMAGE``; rows come sorted by decreasing score, so a smaller cap is a slice.
+* constants frozen at export: the score floor (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``, raised by default to
+  the run's lowest tuned threshold: :func:`export_score_floor`), the NMS IoU and ``TEST.DETECTIONS_PER_IMAGE``;
+  rows come sorted by decreasing score, so a smaller cap is a slice. Tuning thresholds under the frozen floor
+  needs a new export (``severstal export --score-floor``).
 
 The trace runs on a fixed noise frame of Severstal's size; what it records does not depend on how many
 detections that frame gives (the tests compare with PyTorch on real images, at other sizes, and with none).
@@ -167,7 +169,18 @@ def _copy_run_files(bundle, out_dir: Path, model_name: str) -> None:
                 shutil.copyfile(bundle.folder / name, tmp)
 
 
-def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int = 17, simplify: bool = True) -> Path:
+def export_score_floor(bundle) -> float:
+    """The score floor an export freezes by default: the run's lowest tuned class threshold when it has
+    ``thresholds.json`` (nothing under it reaches an answer, and the mask head then runs only on what does),
+    else the config's ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``. Never below the config's floor."""
+    floor = float(bundle.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    if (bundle.folder / THRESHOLDS_FILE).is_file():
+        floor = max(floor, min(float(t) for t in bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS))
+    return floor
+
+
+def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int = 17, simplify: bool = True,
+                score_floor: float | None = None) -> Path:
     """Export a training run's Mask R-CNN to ``out_dir/model.onnx`` (see the module docstring for the graph).
 
     Args:
@@ -175,6 +188,7 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
         out_dir: folder for ``model.onnx``, ``config.yaml`` and the run's ``thresholds.json`` / ``split.json``.
         opset: ONNX opset, at least 16.
         simplify: run onnx-simplifier (on failure the unsimplified graph is kept, with a warning).
+        score_floor: the graph's frozen score floor; default :func:`export_score_floor`'s.
 
     Returns:
         The path of ``model.onnx``, written atomically and passed by ``onnx.checker.check_model``.
@@ -191,6 +205,7 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
     if bundle.weights.suffix not in (".pth", ".pkl"):
         raise ValueError(f"export needs PyTorch weights (.pth), got {bundle.weights}")
     cfg = bundle.cfg
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = export_score_floor(bundle) if score_floor is None else float(score_floor)
     model = TorchBackend(cfg).model
     model_proto = onnx.load_from_string(_trace_to_onnx(model, _trace_sample(cfg), opset))
     if simplify:

@@ -82,8 +82,8 @@ class Predictor:
         Args:
             backend: "torch", "onnxruntime", "openvino" or "tensorrt" (``severstal.model.backends``); default:
                 ``choose_backend``'s for the model file.
-            precision: "fp32", "bf16" or "fp16" where the backend has it; default: ``choose_backend``'s (bf16
-                for torch on a CPU with bf16 instructions, else fp32). ``predictor.backend.choice`` says which.
+            precision: "fp32", "bf16" or "fp16" where the backend has it; default: ``choose_backend``'s
+                (fp32 on a CPU). ``predictor.backend.choice`` says which.
         """
         bundle: ModelBundle = load_bundle(weights_or_folder, device=device)
         return cls(bundle.cfg, backend=make_backend(backend, bundle.cfg, precision=precision), tta=tta)
@@ -107,7 +107,10 @@ class Predictor:
                 pasted (``predict`` passes its thresholds: pasting masks that ``make_record`` drops is wasted).
         """
         tensors = [self.preprocess(image) for image in images]
-        raws = self.backend.run(tensors)
+        # Without TTA nothing under the lowest threshold can count, so the backend may skip it; TTA averages
+        # the scores of both views, so it needs every detection above the floor.
+        min_score = min(min_scores) if min_scores is not None and not self.flips else 0.0
+        raws = self.backend.run(tensors, min_score=min_score)
         for flip in self.flips:
             dim = 2 if flip == "horizontal" else 1
             flipped = self.backend.run([t.flip(dim) for t in tensors])
