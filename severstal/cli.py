@@ -237,7 +237,8 @@ def _demo(args: argparse.Namespace) -> None:
     summary = [(d["class_id"], d["score"], d["area"]) for d in answer["defects"]]
     print(f"\nTorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
     print(f"latencies (s): {r['serve']['latencies_s']}")
-    print(f"stage seconds: {r['seconds']} (total {sum(r['seconds'].values()):.0f} s)")
+    total = sum(r["seconds"].values())
+    print(f"stage seconds: {r['seconds']} (total {total:.0f} s; training in {r['training_precision']})")
     print(f"plots: {', '.join(r['plots'])}")
     print(f"submission: {r['predict']['submission']}; overlays: {Path(args.out) / 'overlays'}")
 

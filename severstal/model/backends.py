@@ -227,10 +227,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4 and later)
 or AMX (Sapphire Rapids and later)."""
 ONNX_DEFAULT = "onnxruntime"
-"""The backend an ``.onnx`` model runs on by default. Measured with ``severstal bench predict`` on 2 cores of
-an AMD EPYC (AVX2, no bf16), ``small`` model, against PyTorch fp32: ONNX Runtime 1.28x end to end (network
-1.54x), OpenVINO fp32 0.91x (network 1.30x) (README, *Backends and precision on a CPU*); OpenVINO runs when
-asked (``--backend openvino``)."""
+"""The backend an ``.onnx`` model runs on by default. Measured with ``severstal bench predict`` against PyTorch
+fp32, end to end: ONNX Runtime 1.41x and OpenVINO fp32 1.19x on 2 Intel cores with AMX, 1.28x and 0.91x on 2
+AMD Zen 3 cores (README, *Backends and precision on a CPU*); OpenVINO runs when asked (``--backend openvino``)."""
 
 
 @functools.lru_cache(maxsize=1)

@@ -64,9 +64,7 @@ class SeverstalTrainer(DefaultTrainer):
             finally:
                 d2_defaults.create_ddp_model = original
         if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:  # Detectron2 built its CUDA-only AMPTrainer
-            # Mixed precision on a CPU is bf16, which needs no loss scaling. Measured with make demo's recipe on
-            # 2 AMX cores: 0.46-0.49 against 0.61 s/iteration, but held-out Dice 0.913-0.921 in four runs against
-            # 0.937 and 0.954 for fp32, so the demo trains in fp32.
+            # Mixed precision on a CPU is bf16, which needs no loss scaling (severstal.demo.DemoSettings: measured).
             model = self._trainer.model
             bf16_backbone(getattr(model, "module", model).backbone)  # under DistributedDataParallel: its module
             self._trainer = SimpleTrainer(self._trainer.model, self._trainer.data_loader, self._trainer.optimizer)
