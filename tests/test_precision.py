@@ -1,5 +1,5 @@
-"""Precision and the default backend: chosen from the CPU's flags, fp32 always available, reduced precision
-keeping the answers (Dice against PyTorch fp32 >= 0.99 on real images), OpenVINO beside ONNX Runtime."""
+"""Precision and the default backend: fp32 by default, bf16 on request (native or emulated, by the CPU's flags)
+and close to fp32 on real images, OpenVINO fp32 beside ONNX Runtime keeping the answers (Dice >= 0.99)."""
 
 from __future__ import annotations
 

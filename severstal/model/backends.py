@@ -23,11 +23,10 @@ tensorrt    :class:`TensorRTBackend`       ``.engine`` / ``.plan``
 * the precision is fp32, or fp16 autocast on a GPU when ``fp16`` is asked. PyTorch's bf16 backbone
   (:func:`bf16_backbone`) runs when asked, on a CPU with bf16 instructions (AVX512-BF16 or AMX, read from
   the CPU's flags, :func:`cpu_has_bf16`; elsewhere it is emulated and ~8x slower). It is not the default:
-  on 2 AMX cores it was only 1.1x faster end to end, and although it kept a trained model's answers
-  (Dice 1.0000 against fp32, ``severstal bench predict``) it moved those of the barely trained test model
+  on 2 AMX cores it was only 1.04x faster end to end, and although it kept a trained model's answers
+  (Dice 0.9995 against fp32, ``severstal bench predict``) it moved those of the barely trained test model
   (0.982-0.995, ``tests/test_precision.py``), whose many detections sit at their thresholds.
-* ``precision="fp32"`` (``severstal predict --precision fp32``, or ``$SEVERSTAL_PRECISION=fp32`` for the
-  handler) always gives full precision.
+* ``$SEVERSTAL_PRECISION`` asks a precision wherever none is passed (the handler), as ``--precision`` does.
 
 The exported graph takes one image per call (see :mod:`severstal.model.export`); the ONNX Runtime and TensorRT
 backends loop over a batch. Its score floor, NMS IoU and detection cap are frozen at export: a lower
@@ -273,9 +272,9 @@ def choose_backend(model_file: str | Path, device: str = "cpu", backend: str | N
         device: "cpu" or "cuda[:N]".
         backend: one of ``BACKENDS`` that can run the file; None: the default for the file.
         precision: one of the backend's ``BACKEND_PRECISIONS``; None: ``$SEVERSTAL_PRECISION`` when set,
-            else the fastest one that keeps the answers here.
+            else fp32 (fp16 on a GPU when ``fp16``).
         fp16: the handler's ``fp16`` setting: on a GPU, half precision for torch (TensorRT: the engine's).
-        flags: CPU flags to decide by (default: this CPU's, :func:`cpu_flags`).
+        flags: CPU flags that tell whether bf16 is native (default: this CPU's, :func:`cpu_flags`).
 
     Raises:
         ValueError: an unknown backend or precision (the message lists the valid ones), or a backend that
