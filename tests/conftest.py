@@ -54,13 +54,15 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data, tmp_path_factory) -> Path:
-    """A run folder from a few iterations of the ``small`` config on :func:`synthetic_data`."""
+    """A run folder from a few iterations of the ``small`` config on :func:`synthetic_data`, seeded (same
+    initial weights and data order; threads still round differently): the tests that need its weak detections
+    on real images, near their 0.005 thresholds, failed now and then with unseeded runs."""
     from severstal.model.train import train
 
     out = tmp_path_factory.mktemp("run")
     train(synthetic_data, "small", out, ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2",
                                           "SOLVER.WARMUP_ITERS", "2", "SEVERSTAL.VAL_FRACTION", "0.25",
-                                          "DATALOADER.NUM_WORKERS", "0"])
+                                          "DATALOADER.NUM_WORKERS", "0", "SEED", "0"])
     return out
 
 
