@@ -413,15 +413,22 @@ def _bench_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_load_arguments(parser: argparse.ArgumentParser, url_help: str, concurrency: int) -> None:
+    """The options of a benchmark that posts images to a running server: --url, --images, --concurrency,
+    --token, --json."""
+    parser.add_argument("--url", required=True, help=f"{url_help}, e.g. http://127.0.0.1:8080/predictions/severstal")
+    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post in turn")
+    parser.add_argument("--concurrency", type=int, default=concurrency,
+                        help=f"clients posting at the same time (default {concurrency})")
+    parser.add_argument("--token", help="inference key when the server has token authorization on")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
 def _bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True, help="predictions URL, e.g. http://127.0.0.1:8080/predictions/severstal")
-    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post")
-    parser.add_argument("--concurrency", type=int, default=4, help="clients posting at the same time")
+    _server_load_arguments(parser, "predictions URL", concurrency=4)
     parser.add_argument("--requests", type=int, default=100, help="timed requests in all")
     parser.add_argument("--weights", type=Path,
                         help="weights or run folder: also time the bare model on the same images")
-    parser.add_argument("--token", help="inference key when the server has token authorization on")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
 @benchmark("serve", "Latency and throughput of a running TorchServe, and of the bare model on the same images.",
@@ -429,10 +436,10 @@ def _bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_serve(args: argparse.Namespace) -> int:
     from severstal.bench import format_table
     from severstal.bench.serve import bench_serve
+    from severstal.serve.client import bearer_headers
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     r = bench_serve(args.url, args.images, concurrency=args.concurrency, requests=args.requests,
-                    weights=args.weights, headers=headers)
+                    weights=args.weights, headers=bearer_headers(args.token))
     print(f"serve: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']}")
     print(format_table(r["rows"], [("method", ""), ("p50", ".3f"), ("p95", ".3f"), ("p99", ".3f"), ("mean", ".3f"),
                                    ("images_per_s", ".2f")]))
@@ -447,17 +454,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 
 def _bench_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True,
-                        help="predictions URL of a server on this machine, e.g. http://127.0.0.1:8080/predictions/severstal")
-    parser.add_argument("--images", type=Path, required=True, help="folder of JPEG/PNG images to post in turn")
-    parser.add_argument("--concurrency", type=int, default=8, help="clients posting at the same time (default 8)")
+    _server_load_arguments(parser, "predictions URL of a server on this machine", concurrency=8)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--max-requests", type=int, help="stop after this many requests too")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples (default 5)")
     parser.add_argument("--kill-worker-at", type=float,
                         help="SIGKILL a worker this many seconds in: what the server fails, what the client loses")
-    parser.add_argument("--token", help="inference key when the server has token authorization on")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
 @benchmark("soak", "Many clients for a long time against a server on this machine: latency, errors, memory.",
@@ -465,10 +467,10 @@ def _bench_soak_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_soak(args: argparse.Namespace) -> int:
     from severstal.bench import format_table
     from severstal.bench.soak import soak
+    from severstal.serve.client import bearer_headers
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     r = soak(args.url, args.images, concurrency=args.concurrency, duration=args.duration,
-             max_requests=args.max_requests, headers=headers, sample_every=args.sample_every,
+             max_requests=args.max_requests, headers=bearer_headers(args.token), sample_every=args.sample_every,
              kill_worker_at=args.kill_worker_at)
     print(f"soak: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']} "
           f"in {r['duration_s']:.0f} s (load average at the end {' '.join(map(str, r['load_average']))})")

@@ -290,7 +290,8 @@ def submission_summary(image_ids: Sequence[str], records: Sequence[dict], out: s
     """Write the Kaggle submission of ``records`` (one per image of ``image_ids``, same order) and summarise it.
 
     Every (image, class) pair gets a row (:func:`severstal.data.annotations.write_submission`); an unreadable
-    image's masks are empty. The single-process and the Ray path both end here, so their submissions agree.
+    image's masks are empty (and it is logged). The single-process and the Ray path both end here, so their
+    submissions agree.
 
     Returns:
         ``images``, ``masks`` (non-empty class masks), ``masks_per_class``, ``submission`` path, and
@@ -298,6 +299,9 @@ def submission_summary(image_ids: Sequence[str], records: Sequence[dict], out: s
     """
     import pandas as pd
 
+    for record in records:
+        if record.get("error"):
+            log.warning("unreadable, written with empty masks: %s", record["error"])
     rows = [(image_id, int(c), rle) for image_id, record in zip(image_ids, records)
             for c, rle in record["classes"].items() if rle]
     frame = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
@@ -338,8 +342,6 @@ def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt
     records = []
     for path, record in predictor.predict_files(paths, batch_size=batch_size, skip_unreadable=True):
         records.append(record)
-        if record.get("error"):
-            log.warning("unreadable, written with empty masks: %s", record["error"])
-        elif overlays:
+        if overlays and not record.get("error"):
             save_overlay(read_image(path), record, Path(overlays) / f"{path.stem}.png", title=path.name)
     return submission_summary([p.name for p in paths], records, out, fmt=fmt)

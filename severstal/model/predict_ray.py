@@ -37,7 +37,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
     raise ImportError(f"Ray prediction needs Ray Data: pip install 'severstal[ray]' ({err})") from err
 
 from severstal import CLASS_IDS
-from severstal.data.annotations import IMAGE_SUFFIXES
+from severstal.data.annotations import IMAGE_SUFFIXES, list_images
 from severstal.data.images import decode_image
 from severstal.files import CONFIG_FILE, THRESHOLDS_FILE
 from severstal.model.backends import choose_backend
@@ -98,8 +98,7 @@ def list_image_uris(source: str) -> tuple[pafs.FileSystem, list[str]]:
         if wildcard:
             paths = [os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
         elif os.path.isdir(source):
-            paths = [os.path.abspath(os.path.join(source, n)) for n in os.listdir(source)
-                     if os.path.isfile(os.path.join(source, n)) and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+            paths = [os.path.abspath(os.path.join(source, name)) for name in list_images(source)]
         else:
             paths = [os.path.abspath(source)] if os.path.isfile(source) else []
     if not paths:
@@ -324,9 +323,6 @@ def predict_ray(weights: str | Path, images: str, out: str | Path, *, address: s
     if lost:  # Ray Data returns every row or raises; a gap would be a bug here, not a bad file
         raise RuntimeError(f"{len(lost)} image(s) came back from Ray without a record, e.g. {lost[:3]}")
     records = [found[i] if found[i]["error"] is None else unreadable_record(found[i]["error"]) for i in image_ids]
-    for record in records:
-        if record.get("error"):
-            log.warning("unreadable, written with empty masks: %s", record["error"])
     summary = submission_summary(image_ids, records, out, fmt=fmt)
     summary.update(pool=pool, parquet=str(parquet) if parquet else None, backend=str(choice))
     return summary

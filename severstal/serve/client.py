@@ -28,6 +28,11 @@ WORKER_DIED = "Worker died."
 """TorchServe's message (with 500, or 507 after SIGKILL) for the requests of a batch whose worker died."""
 
 
+def bearer_headers(key: str | None) -> dict:
+    """The ``Authorization`` header of TorchServe's token authorization for ``key``; empty without a key."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class PredictionError(RuntimeError):
     """The server answered an error, or could not be reached; ``status`` is the HTTP status (None: no answer)."""
 

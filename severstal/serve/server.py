@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from severstal.serve import PROPERTIES_FILE, torchserve_file
+from severstal.serve.client import bearer_headers
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ class Server:
         """The ``Authorization`` header for ``api`` ("inference" or "management"); empty without token auth."""
         if not self.token_auth:
             return {}
-        keys = json.loads(self.key_file.read_text())
-        return {"Authorization": f"Bearer {keys[api]['key']}"}
+        return bearer_headers(json.loads(self.key_file.read_text())[api]["key"])
 
     def log_tail(self, lines: int = 40) -> str:
         out = self.run_dir / "logs" / "torchserve.out"

@@ -137,13 +137,10 @@ class ImageLimits:
         return int(math.sqrt(self.max_pixels * self.max_aspect_ratio))
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) after the model's resize (``ResizeShortestEdge.get_output_shape``'s rounding)."""
-        scale = self.short_edge / min(height, width)
-        new_h, new_w = height * scale, width * scale
-        if max(new_h, new_w) > self.max_size:
-            shrink = self.max_size / max(new_h, new_w)
-            new_h, new_w = new_h * shrink, new_w * shrink
-        return int(new_h + 0.5), int(new_w + 0.5)
+        """(height, width) after the model's resize (Detectron2's ``ResizeShortestEdge``)."""
+        from detectron2.data.transforms import ResizeShortestEdge
+
+        return ResizeShortestEdge.get_output_shape(height, width, self.short_edge, self.max_size)
 
     def describe(self) -> str:
         """What is accepted, for error messages and the README."""
