@@ -139,6 +139,50 @@ def _evaluate(args: argparse.Namespace) -> None:
         print_json_line(r)
 
 
+def _cv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True,
+                        help="labelled folder: Kaggle's layout, or the real sample's (partial masks, per-image labels)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the folds' runs and cv.json (resumes)")
+    parser.add_argument("--config", help="config name or YAML (default: the fewlabels recipe; small with overrides)")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the class-stratified folds")
+    parser.add_argument("--pretrained", dest="scratch", action="store_false",
+                        help="start from the config's MODEL.WEIGHTS (a download) instead of random weights")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the mean and spread")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+
+
+_CV_ROW = "{:<7}{:>7}{:>11}{:>8}{:>14}" + "{:>8}" * 4 + "{:>7}"
+
+
+def _cv_row(name: str, r: dict) -> str:
+    cells = [f"{r['dice']:.4f}", f"{r['all_empty']:.4f}", f"{r['gain']:+.4f}", f"{r['dice_defect_pairs']:.4f}"]
+    cells += [f"{r['dice_per_class'][str(c)]:.3f}" for c in range(1, 5)]
+    seconds = r.get("seconds")
+    return _CV_ROW.format(name, *cells, f"{seconds:.0f}" if seconds is not None else "")
+
+
+@command("cv", "k-fold cross-validation on labelled images: train, tune, score each held-out fold vs all-empty.",
+         _cv_arguments)
+def _cv(args: argparse.Namespace) -> None:
+    from severstal.model.cv import cross_validate
+
+    print(_CV_ROW.format("fold", "Dice", "all-empty", "gain", "defect pairs", "c1", "c2", "c3", "c4", "s"))
+    report = cross_validate(args.data, args.out, args.config, args.opts, folds=args.folds, seed=args.seed,
+                            scratch=args.scratch, on_fold=lambda k, r: print(_cv_row(str(k), r), flush=True))
+    mean, spread = report["mean"], report["spread"]
+    print(_cv_row("mean", mean))
+    print(_CV_ROW.format("+-", *(f"{spread[k]:.4f}" for k in ("dice", "all_empty", "gain", "dice_defect_pairs")),
+                         "", "", "", "", ""))
+    auc = ", ".join(f"class {c} {v:.2f}" for c, v in mean["presence_auc"].items())
+    plan = report["plan"]
+    print(f"presence ROC AUC (mean over folds): {auc}")
+    print(f"{mean['folds_beating_all_empty']} of {len(report['folds'])} folds beat all-empty; {plan['images']} images "
+          f"scored, {len(plan['left_out_incomplete'])} left out (incomplete truth); {args.out / 'cv.json'}")
+    if args.json:
+        print_json_line({"mean": mean, "spread": spread})
+
+
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="weights file or training output folder")
     parser.add_argument("--images", required=True,

@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from severstal.files import PRECISION_ENV, backends_for, check_backend, check_precision
+from severstal.model.presence import has_presence
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ INPUT_NAME = "image"
 """The exported graph's one input: a ``(3, H, W) float32`` BGR image, already resized."""
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs")
 """The graph's outputs, in order: the fields of :class:`RawOutput`."""
+PRESENCE_NAME = "presence"
+"""The graph's last output when the model has the presence head: ``(num_classes,) float32`` probabilities."""
 METADATA_KEYS = {
     "config": "severstal.config",
     "thresholds": "severstal.thresholds",
@@ -76,12 +79,15 @@ class RawOutput:
         scores: (N,) float32.
         classes: (N,) int64, Detectron2's 0-based category ids.
         mask_probs: (N, M, M) float32 mask probabilities inside each box (M = 28 for Mask R-CNN).
+        presence: (num_classes,) float32 image-level probability of each class, for a model with the presence
+            head (``severstal.model.presence``); None otherwise.
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     classes: torch.Tensor
     mask_probs: torch.Tensor
+    presence: torch.Tensor | None = None
 
 
 class Backend(Protocol):
@@ -173,7 +179,8 @@ class TorchBackend:
             proposals, _ = model.proposal_generator(batch, features, None)
             instances = self.detect_boxes(features, proposals, min_score)
             results = model.roi_heads.forward_with_given_boxes(features, instances)
-        return [raw_output(r) for r in results]
+            presence = model.presence_probs(features).float().cpu() if has_presence(model) else [None] * len(images)
+        return [raw_output(r, p) for r, p in zip(results, presence)]
 
 
 def bf16_backbone(backbone: torch.nn.Module) -> None:
@@ -203,19 +210,23 @@ def _forward_in_fp32(forward, x: torch.Tensor) -> torch.Tensor:
         return forward(x.float())
 
 
-def raw_output(instances) -> RawOutput:
-    """Detectron2 ``Instances`` of ``model.inference(..., do_postprocess=False)`` -> :class:`RawOutput` (CPU, fp32)."""
+def raw_output(instances, presence: torch.Tensor | None = None) -> RawOutput:
+    """Detectron2 ``Instances`` of ``model.inference(..., do_postprocess=False)`` (and the image's presence
+    probabilities, if any) -> :class:`RawOutput` (CPU, fp32)."""
     return RawOutput(boxes=instances.pred_boxes.tensor.float().cpu(), scores=instances.scores.float().cpu(),
-                     classes=instances.pred_classes.cpu(), mask_probs=instances.pred_masks[:, 0].float().cpu())
+                     classes=instances.pred_classes.cpu(), mask_probs=instances.pred_masks[:, 0].float().cpu(),
+                     presence=presence)
 
 
 def exported_output(out: dict[str, torch.Tensor], max_detections: int | None, min_score: float) -> RawOutput:
     """An exported graph's outputs for one image (rows sorted by decreasing score) -> :class:`RawOutput`: the
     first ``max_detections`` rows, of those the ones scoring at least ``min_score``."""
+    presence = out.pop(PRESENCE_NAME, None)
     out = {name: value[:max_detections] for name, value in out.items()}
     keep = out["scores"] >= min_score
     return RawOutput(boxes=out["boxes"][keep].float(), scores=out["scores"][keep].float(),
-                     classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float())
+                     classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float(),
+                     presence=None if presence is None else presence.reshape(-1).float())
 
 
 class BackendUnavailable(RuntimeError):
@@ -361,10 +372,13 @@ def describe_backend(backend) -> str:
     return str(choice)
 
 
-def _check_io(names_in: list[str], names_out: list[str], source: str) -> None:
-    if names_in != [INPUT_NAME] or sorted(names_out) != sorted(OUTPUT_NAMES):
+def _check_io(names_in: list[str], names_out: list[str], source: str) -> tuple[str, ...]:
+    """The output names to fetch from an exported model (with :data:`PRESENCE_NAME` when it has it)."""
+    if names_in != [INPUT_NAME] or sorted(set(names_out) - {PRESENCE_NAME}) != sorted(OUTPUT_NAMES):
         raise ValueError(f"{source} is not a severstal export: inputs {names_in}, outputs {names_out}; expected "
-                         f"[{INPUT_NAME!r}] -> {list(OUTPUT_NAMES)} (severstal export --format onnx)")
+                         f"[{INPUT_NAME!r}] -> {list(OUTPUT_NAMES)} [+ {PRESENCE_NAME!r}] (severstal export "
+                         "--format onnx)")
+    return OUTPUT_NAMES + ((PRESENCE_NAME,) if PRESENCE_NAME in names_out else ())
 
 
 def _frozen_cap(exported: int | None, wanted: int | None, source: str) -> int | None:
@@ -415,8 +429,8 @@ class OnnxRuntimeBackend:
         if threads is not None:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        _check_io([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()],
-                  str(self.path))
+        self.output_names = _check_io([i.name for i in self.session.get_inputs()],
+                                      [o.name for o in self.session.get_outputs()], str(self.path))
         exported = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEYS["detections_per_image"])
         self.max_detections = _frozen_cap(int(exported) if exported else None, max_detections, self.path.name)
         self.providers = self.session.get_providers()
@@ -426,8 +440,8 @@ class OnnxRuntimeBackend:
         """Args: ``(3, H, W) float32`` tensors (BGR, 0..255). Returns one :class:`RawOutput` per image."""
         results = []
         for image in images:
-            values = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.detach().cpu().numpy()})
-            out = dict(zip(OUTPUT_NAMES, (torch.from_numpy(np.asarray(v)) for v in values)))
+            values = self.session.run(list(self.output_names), {INPUT_NAME: image.detach().cpu().numpy()})
+            out = dict(zip(self.output_names, (torch.from_numpy(np.asarray(v)) for v in values)))
             results.append(exported_output(out, self.max_detections, min_score))
         return results
 
@@ -469,15 +483,15 @@ class OpenVinoBackend:
             raise FileNotFoundError(f"no ONNX model at {self.path}: create one with severstal export --format onnx")
         core = openvino.Core()
         model = core.read_model(str(self.path))
-        _check_io([name for i in model.inputs for name in sorted(i.get_names())],
-                  [name for o in model.outputs for name in sorted(o.get_names())], str(self.path))
+        output_names = _check_io([name for i in model.inputs for name in sorted(i.get_names())],
+                                 [name for o in model.outputs for name in sorted(o.get_names())], str(self.path))
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = precision
-        self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
+        self.outputs = {name: self.compiled.output(name) for name in output_names}
         metadata = _onnx_metadata(self.path)
         exported = metadata.get(METADATA_KEYS["detections_per_image"])
         self.max_detections = _frozen_cap(int(exported) if exported else None, max_detections, self.path.name)
@@ -496,8 +510,8 @@ class OpenVinoBackend:
             # OpenVINO 2026.4 answers an image without detections with one row of uninitialised memory
             # instead of none: real rows always pass the graph's own score floor and have a valid class.
             valid = (out["scores"] >= self.score_floor) & (out["classes"] >= 0) & (out["classes"] < self.num_classes)
-            results.append(exported_output({name: value[valid] for name, value in out.items()}, self.max_detections,
-                                           min_score))
+            rows = {name: value if name == PRESENCE_NAME else value[valid] for name, value in out.items()}
+            results.append(exported_output(rows, self.max_detections, min_score))
         return results
 
 
@@ -570,10 +584,10 @@ class TensorRTBackend:
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        _check_io(inputs, [n for n in names if n not in inputs], str(self.path))
+        self.output_names = _check_io(inputs, [n for n in names if n not in inputs], str(self.path))
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.allocator = _make_output_allocator(trt, self.device)
-        for name in OUTPUT_NAMES:
+        for name in self.output_names:
             self.context.set_output_allocator(name, self.allocator)
         self.max_detections = max_detections
 
@@ -588,7 +602,7 @@ class TensorRTBackend:
             if not self.context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run {self.path.name} on an input of shape {tuple(x.shape)}")
             stream.synchronize()
-            out = {name: self.allocator.tensor(name, self.dtypes[name]).cpu() for name in OUTPUT_NAMES}
+            out = {name: self.allocator.tensor(name, self.dtypes[name]).cpu() for name in self.output_names}
             results.append(exported_output(out, self.max_detections, min_score))
         return results
 

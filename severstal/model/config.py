@@ -22,7 +22,8 @@ from severstal.files import CONFIG_FILE, SPLIT_FILE, THRESHOLDS_FILE, model_file
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-NAMED_CONFIGS = {"r50": CONFIG_DIR / "r50.yaml", "small": CONFIG_DIR / "small.yaml"}
+NAMED_CONFIGS = {"r50": CONFIG_DIR / "r50.yaml", "small": CONFIG_DIR / "small.yaml",
+                 "fewlabels": CONFIG_DIR / "fewlabels.yaml"}
 MODEL_ZOO_BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 TTA_FLIPS = ("horizontal", "vertical")
 OPTIMIZERS = ("SGD", "AdamW")
@@ -35,6 +36,22 @@ def add_severstal_config(cfg: CfgNode) -> None:
     # Per class 1..4: a class mask with fewer pixels (at the original size) is emptied; an empty
     # (image, class) pair is worth a whole Dice point, so small false positives are costly.
     cfg.SEVERSTAL.MIN_AREAS = [0, 0, 0, 0]
+    # Per class 1..4: a class mask is emptied when the image-level presence probability of the class is under
+    # this (models with the presence head, severstal.model.presence; 0 keeps every mask). Tuned with the others.
+    cfg.SEVERSTAL.PRESENCE_THRESHOLDS = [0.0, 0.0, 0.0, 0.0]
+    # The presence head (MODEL.META_ARCHITECTURE "PresenceRCNN"): the FPN levels it pools, its hidden width and
+    # the weight of its loss beside the detector's.
+    cfg.SEVERSTAL.PRESENCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.SEVERSTAL.PRESENCE_HIDDEN = 128
+    cfg.SEVERSTAL.PRESENCE_LOSS_WEIGHT = 1.0
+    # Training augmentation (severstal.model.augment). Width in pixels of the original image of the random
+    # crops a training image is cut to (0: the whole strip); prediction always sees the whole image.
+    cfg.SEVERSTAL.CROP_WIDTH = 0
+    # Random brightness and contrast factors drawn from [1 - x, 1 + x] (0: off).
+    cfg.SEVERSTAL.BRIGHTNESS_CONTRAST = 0.0
+    # Probability that a training image gets the defect instances of another training image pasted onto it
+    # (Simple Copy-Paste, Ghiasi et al. 2021), at the same rows and a random horizontal shift (0: off).
+    cfg.SEVERSTAL.COPY_PASTE_PROB = 0.0
     # Pixel probability above which a pasted instance mask counts as defect.
     cfg.SEVERSTAL.MASK_THRESHOLD = 0.5
     # Test-time flips whose detections are merged with the plain ones: any of "horizontal", "vertical".
@@ -74,13 +91,15 @@ def get_severstal_cfg(name_or_path: str | Path, opts: list[str] | tuple[str, ...
         raise ValueError(f"overrides come in KEY VALUE pairs, got {list(opts)}")
     cfg.merge_from_list(list(opts))
     validate_severstal_cfg(cfg)
+    if cfg.MODEL.META_ARCHITECTURE == "PresenceRCNN":
+        import severstal.model.presence  # noqa: F401  registers the architecture with Detectron2
     return cfg
 
 
 def validate_severstal_cfg(cfg: CfgNode) -> None:
     """Check the project's keys early, naming the allowed values."""
     s = cfg.SEVERSTAL
-    for key in ("SCORE_THRESHOLDS", "MIN_AREAS"):
+    for key in ("SCORE_THRESHOLDS", "MIN_AREAS", "PRESENCE_THRESHOLDS"):
         if len(s[key]) != len(CLASS_IDS):
             raise ValueError(f"SEVERSTAL.{key} needs one value per class {CLASS_IDS}, got {list(s[key])}")
     if s.OPTIMIZER not in OPTIMIZERS:
@@ -88,6 +107,12 @@ def validate_severstal_cfg(cfg: CfgNode) -> None:
     unknown = set(s.TTA_FLIPS) - set(TTA_FLIPS)
     if unknown:
         raise ValueError(f"SEVERSTAL.TTA_FLIPS: unknown {sorted(unknown)}; allowed: {list(TTA_FLIPS)}")
+    if not 0.0 <= s.COPY_PASTE_PROB <= 1.0:
+        raise ValueError(f"SEVERSTAL.COPY_PASTE_PROB must be in [0, 1], got {s.COPY_PASTE_PROB}")
+    if not 0.0 <= s.BRIGHTNESS_CONTRAST < 1.0:
+        raise ValueError(f"SEVERSTAL.BRIGHTNESS_CONTRAST must be in [0, 1), got {s.BRIGHTNESS_CONTRAST}")
+    if s.CROP_WIDTH < 0:
+        raise ValueError(f"SEVERSTAL.CROP_WIDTH must be 0 (off) or a width in pixels, got {s.CROP_WIDTH}")
 
 
 def use_scratch_weights(cfg: CfgNode) -> None:
@@ -139,6 +164,8 @@ def load_bundle(weights_or_folder: str | Path, device: str | None = None) -> Mod
         tuned = json.loads(thresholds.read_text())
         cfg.SEVERSTAL.SCORE_THRESHOLDS = [float(t) for t in tuned["score_thresholds"]]
         cfg.SEVERSTAL.MIN_AREAS = [int(a) for a in tuned["min_areas"]]
+        if "presence_thresholds" in tuned:
+            cfg.SEVERSTAL.PRESENCE_THRESHOLDS = [float(t) for t in tuned["presence_thresholds"]]
     cfg.MODEL.WEIGHTS = str(weights)
     if device is None:
         import torch

@@ -31,13 +31,21 @@ from severstal.data.rle import coco_rle_to_kaggle, kaggle_to_coco_rle
 from severstal.files import EVALUATION_DIR, EVALUATION_FILE, THRESHOLDS_FILE, TRAIN_CSV, TRAIN_IMAGES, write_text_atomic
 from severstal.model.backends import make_backend
 from severstal.model.config import load_bundle
-from severstal.model.predict import Detections, Predictor, class_instances, keeps_class_mask, make_record
+from severstal.model.predict import (
+    Detections,
+    Predictor,
+    class_instances,
+    keeps_class_mask,
+    make_record,
+    passes_gate,
+)
 from severstal.viz.plots import plot_dice_per_class, plot_threshold_curves
 
 log = logging.getLogger(__name__)
 
 SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREA_GRID = (0, 50, 100, 200, 400, 800, 1200, 1600, 2400, 3200)
+PRESENCE_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 @dataclass
@@ -52,7 +60,7 @@ class ImageDetections:
     def from_detections(cls, image_id: str, det: Detections) -> ImageDetections:
         rles = mask_util.encode(np.asfortranarray(det.masks.transpose(1, 2, 0).astype(np.uint8)))
         empty = np.zeros((0, det.height, det.width), dtype=bool)
-        compact = Detections(det.height, det.width, det.boxes, det.scores, det.class_ids, empty)
+        compact = Detections(det.height, det.width, det.boxes, det.scores, det.class_ids, empty, det.presence)
         return cls(image_id, compact, list(rles))
 
     @property
@@ -65,11 +73,13 @@ class ImageDetections:
 
     def to_detections(self) -> Detections:
         masks = mask_util.decode(self.rles).transpose(2, 0, 1).astype(bool) if self.rles else self.det.masks
-        return Detections(self.det.height, self.det.width, self.det.boxes, self.det.scores, self.det.class_ids, masks)
+        return Detections(self.det.height, self.det.width, self.det.boxes, self.det.scores, self.det.class_ids, masks,
+                          self.det.presence)
 
 
-def instances_to_detections(instances, height: int, width: int) -> Detections:
-    """Detectron2 ``Instances`` (post-processed, original size) -> :class:`Detections`."""
+def instances_to_detections(instances, height: int, width: int, presence=None) -> Detections:
+    """Detectron2 ``Instances`` (post-processed, original size) and the image's presence probabilities (or None)
+    -> :class:`Detections`."""
     instances = instances.to("cpu")
     return Detections(
         height=height,
@@ -78,6 +88,7 @@ def instances_to_detections(instances, height: int, width: int) -> Detections:
         scores=instances.scores.numpy().astype(np.float32),
         class_ids=instances.pred_classes.numpy().astype(np.int64) + 1,
         masks=instances.pred_masks.numpy().astype(bool),
+        presence=None if presence is None else np.asarray(presence, dtype=np.float32),
     )
 
 
@@ -112,6 +123,7 @@ class DiceEvaluator(DatasetEvaluator):
         self.dataset_name = dataset_name
         self.score_thresholds = list(cfg.SEVERSTAL.SCORE_THRESHOLDS)
         self.min_areas = list(cfg.SEVERSTAL.MIN_AREAS)
+        self.presence_thresholds = list(cfg.SEVERSTAL.PRESENCE_THRESHOLDS)
         self.reset()
 
     def reset(self):
@@ -120,8 +132,9 @@ class DiceEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
-            det = instances_to_detections(out["instances"], inp["height"], inp["width"])
-            self.records[inp["image_id"]] = make_record(det, self.score_thresholds, self.min_areas)
+            det = instances_to_detections(out["instances"], inp["height"], inp["width"], out.get("presence"))
+            self.records[inp["image_id"]] = make_record(det, self.score_thresholds, self.min_areas,
+                                                        self.presence_thresholds)
             self.detections.append(ImageDetections.from_detections(inp["image_id"], det))
 
     def evaluate(self):
@@ -139,29 +152,35 @@ class DiceEvaluator(DatasetEvaluator):
         results.update({f"dice_class_{c}": table["dice_per_class"][c] for c in CLASS_IDS})
         return OrderedDict(dice=results)
 
-    def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame) -> dict:
+    def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame, presence_thresholds=None) -> dict:
         """The Dice table of the stored detections under other thresholds (after :meth:`evaluate`)."""
         ids = [d.image_id for d in self.detections]
-        records = [make_record(d.to_detections(), score_thresholds, min_areas) for d in self.detections]
+        records = [make_record(d.to_detections(), score_thresholds, min_areas, presence_thresholds)
+                   for d in self.detections]
         return dice_table(records_frame(ids, records), truth, ids)
 
 
 def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shape=(256, 1600),
-                    score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID) -> dict:
-    """Per class, the score threshold and minimum area that maximise mean Dice on these images.
+                    score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID, presence_grid=PRESENCE_GRID) -> dict:
+    """Per class, the score threshold, minimum area and presence threshold that maximise mean Dice on these images.
 
-    Classes are independent in mean Dice, so each is tuned alone over the grid.
+    Classes are independent in mean Dice, so each is tuned alone over the grid. The presence grid is searched
+    only when the detections carry presence probabilities (a model with the presence head); otherwise the gate
+    stays open (0). Ties go to the lowest gate, then the lowest score threshold and minimum area.
 
     Returns:
-        ``{"score_thresholds": [4 floats], "min_areas": [4 ints], "curves": {class: {threshold: [dice per
-        min area]}}, "dice_per_class": {class: best dice}}``.
+        ``{"score_thresholds": [4 floats], "min_areas": [4 ints], "presence_thresholds": [4 floats], "curves":
+        {class: {threshold: [dice per min area]}} (at the chosen gate), "dice_per_class": {class: best dice}}``.
     """
 
     truth_rles = {(r.ImageId, int(r.ClassId)): kaggle_to_coco_rle(r.EncodedPixels, shape) for r in truth.itertuples()}
-    result = {"score_thresholds": [], "min_areas": [], "curves": {}, "dice_per_class": {}}
-    for class_id in CLASS_IDS:
-        curves = {}
-        best = (-1.0, score_grid[0], min_area_grid[0])
+    gated = bool(detections) and all(d.det.presence is not None for d in detections)
+    gates = presence_grid if gated else (0.0,)
+    result = {"score_thresholds": [], "min_areas": [], "presence_thresholds": [], "curves": {}, "dice_per_class": {}}
+    for index, class_id in enumerate(CLASS_IDS):
+        presence = np.array([d.det.presence[index] for d in detections]) if gated else None
+        curves: dict = {gate: {} for gate in gates}
+        best = (-1.0, score_grid[0], min_area_grid[0], gates[0])
         for t in score_grid:
             inter, pred, true = [], [], []
             for d in detections:
@@ -172,17 +191,19 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
                 true.append(int(mask_util.area(gt)) if gt else 0)
                 inter.append(int(mask_util.area(mask_util.merge([union, gt], intersect=True))) if union and gt else 0)
             inter, pred, true = map(np.asarray, (inter, pred, true))
-            row = []
-            for min_area in min_area_grid:
-                kept = keeps_class_mask(pred, min_area)
-                row.append(float(dice_from_areas(inter * kept, pred * kept, true).mean()))
-            curves[t] = row
-            j = int(np.argmax(row))
-            if row[j] > best[0]:
-                best = (row[j], t, min_area_grid[j])
+            for gate in gates:
+                row = []
+                for min_area in min_area_grid:
+                    kept = keeps_class_mask(pred, min_area) & passes_gate(presence, gate)
+                    row.append(float(dice_from_areas(inter * kept, pred * kept, true).mean()))
+                curves[gate][t] = row
+                j = int(np.argmax(row))
+                if row[j] > best[0]:
+                    best = (row[j], t, min_area_grid[j], gate)
         result["score_thresholds"].append(best[1])
         result["min_areas"].append(best[2])
-        result["curves"][class_id] = curves
+        result["presence_thresholds"].append(best[3])
+        result["curves"][class_id] = curves[best[3]]
         result["dice_per_class"][class_id] = best[0]
     return result
 
@@ -190,7 +211,7 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
 def save_thresholds(tuned: dict, folder: str | Path) -> Path:
     """Write ``thresholds.json`` next to the weights, atomically."""
 
-    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "dice_per_class")}
+    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "presence_thresholds", "dice_per_class")}
     return write_text_atomic(Path(folder) / THRESHOLDS_FILE, json.dumps(saved, indent=1))
 
 
@@ -249,7 +270,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         for start in tqdm(range(0, len(dicts), batch_size), desc="evaluate", unit="batch"):
             batch = dicts[start : start + batch_size]
             dets = predictor.detect([read_image(d["file_name"]) for d in batch])
-            evaluators.process(batch, [{"instances": detections_to_instances(d)} for d in dets])
+            evaluators.process(batch, [{"instances": detections_to_instances(d), "presence": d.presence} for d in dets])
         raw = evaluators.evaluate()
         truth = truth_frame(dicts)
     finally:
@@ -267,13 +288,14 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     if tune:
         tuned = tune_thresholds(dice_eval.detections, truth)
         save_thresholds(tuned, bundle.folder)
-        table = dice_eval.rescore(tuned["score_thresholds"], tuned["min_areas"], truth)
+        table = dice_eval.rescore(tuned["score_thresholds"], tuned["min_areas"], truth, tuned["presence_thresholds"])
         results["mean_dice_untuned"] = results["mean_dice"]
         results["mean_dice"] = table["mean_dice"]
         results["dice_per_class"] = {str(c): table["dice_per_class"][c] for c in CLASS_IDS}
         results["dice_nonempty"] = table["dice_nonempty"]
         results["score_thresholds"] = tuned["score_thresholds"]
         results["min_areas"] = tuned["min_areas"]
+        results["presence_thresholds"] = tuned["presence_thresholds"]
         plot_threshold_curves(tuned["curves"], MIN_AREA_GRID, output_dir / "threshold_curves.png")
     plot_dice_per_class(results, output_dir / "dice_per_class.png")
     write_text_atomic(output_dir / EVALUATION_FILE, json.dumps(results, indent=1))

@@ -46,12 +46,14 @@ from severstal.model.backends import (
     INPUT_NAME,
     METADATA_KEYS,
     OUTPUT_NAMES,
+    PRESENCE_NAME,
     TorchBackend,
     _onnx_metadata,
     require_tensorrt,
 )
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor
+from severstal.model.presence import has_presence
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,17 @@ def _trace_to_onnx(model, sample, opset: int) -> bytes:
     import torch
     from detectron2.export import TracingAdapter
 
+    gated = has_presence(model)
+    output_names = list(OUTPUT_NAMES) + ([PRESENCE_NAME] if gated else [])
+
     def raw_outputs(model, image):
-        instances = model.inference([{"image": image}], do_postprocess=False)[0]
-        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes, instances.pred_masks[:, 0]
+        # The stages of model.inference(do_postprocess=False), keeping the features for the presence head.
+        batch = model.preprocess_image([{"image": image}])
+        features = model.backbone(batch.tensor)
+        proposals, _ = model.proposal_generator(batch, features, None)
+        instances = model.roi_heads(batch, features, proposals, None)[0][0]
+        out = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes, instances.pred_masks[:, 0])
+        return out + ((model.presence_probs(features)[0],) if gated else ())
 
     adapter = TracingAdapter(model, sample, raw_outputs)
     dynamic = {INPUT_NAME: {1: "height", 2: "width"}} | {name: {0: "detections"} for name in OUTPUT_NAMES}
@@ -128,7 +138,7 @@ def _trace_to_onnx(model, sample, opset: int) -> bytes:
         warnings.simplefilter("always")
         try:
             torch.onnx.export(adapter, (sample,), buffer, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                              input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=dynamic,
                               do_constant_folding=True)
         finally:
             model.eval()  # the exporter leaves the model in training mode
@@ -213,7 +223,8 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
     metadata = {
         METADATA_KEYS["config"]: cfg.dump(),
         METADATA_KEYS["thresholds"]: json.dumps({"score_thresholds": list(cfg.SEVERSTAL.SCORE_THRESHOLDS),
-                                                 "min_areas": list(cfg.SEVERSTAL.MIN_AREAS)}),
+                                                 "min_areas": list(cfg.SEVERSTAL.MIN_AREAS),
+                                                 "presence_thresholds": list(cfg.SEVERSTAL.PRESENCE_THRESHOLDS)}),
         METADATA_KEYS["class_names"]: json.dumps(list(THING_CLASSES)),
         METADATA_KEYS["detections_per_image"]: str(cfg.TEST.DETECTIONS_PER_IMAGE),
         METADATA_KEYS["source"]: bundle.weights.name,

@@ -48,6 +48,7 @@ class Detections:
         scores: (N,) float32.
         class_ids: (N,) int64, Kaggle class ids 1..4.
         masks: (N, height, width) bool.
+        presence: (4,) float32 image-level probability of classes 1..4 (models with the presence head), or None.
     """
 
     height: int
@@ -56,6 +57,7 @@ class Detections:
     scores: np.ndarray
     class_ids: np.ndarray
     masks: np.ndarray
+    presence: np.ndarray | None = None
 
 
 class Predictor:
@@ -93,6 +95,11 @@ class Predictor:
         """Per-class score thresholds and minimum areas (classes 1..4)."""
         return list(self.cfg.SEVERSTAL.SCORE_THRESHOLDS), list(self.cfg.SEVERSTAL.MIN_AREAS)
 
+    @property
+    def presence_thresholds(self) -> list[float]:
+        """Per class 1..4, the presence probability under which a class mask is emptied (see :func:`make_record`)."""
+        return list(self.cfg.SEVERSTAL.PRESENCE_THRESHOLDS)
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 BGR -> (3, H', W') float32 tensor at the network's input size."""
         resized = self.resize.get_transform(image).apply_image(image)
@@ -111,10 +118,10 @@ class Predictor:
         # the scores of both views, so it needs every detection above the floor.
         min_score = min(min_scores) if min_scores is not None and not self.flips else 0.0
         raws = self.backend.run(tensors, min_score=min_score)
-        for flip in self.flips:
+        for i, flip in enumerate(self.flips):
             dim = 2 if flip == "horizontal" else 1
             flipped = self.backend.run([t.flip(dim) for t in tensors])
-            raws = [_merge(raw, _unflip(f, t.shape[1:], flip), self.cfg.SEVERSTAL.TTA_MERGE_IOU)
+            raws = [_merge(raw, _unflip(f, t.shape[1:], flip), self.cfg.SEVERSTAL.TTA_MERGE_IOU, views=2 + i)
                     for raw, f, t in zip(raws, flipped, tensors)]
         return [self.postprocess(raw, t.shape[1:], image.shape[:2], min_scores)
                 for raw, t, image in zip(raws, tensors, images)]
@@ -144,12 +151,14 @@ class Predictor:
             scores=raw.scores[keep].numpy().astype(np.float32),
             class_ids=raw.classes[keep].numpy().astype(np.int64) + 1,
             masks=masks,
+            presence=None if raw.presence is None else raw.presence.numpy().astype(np.float32),
         )
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict]:
         """Records (the REST answer) for a batch of (H, W, 3) uint8 BGR images."""
         thresholds, min_areas = self.thresholds
-        return [make_record(d, thresholds, min_areas) for d in self.detect(images, min_scores=thresholds)]
+        return [make_record(d, thresholds, min_areas, self.presence_thresholds)
+                for d in self.detect(images, min_scores=thresholds)]
 
     def predict_files(self, paths: Iterable[Path], batch_size: int = 4, progress: bool = True,
                       skip_unreadable: bool = False) -> Iterator[tuple[Path, dict]]:
@@ -180,18 +189,20 @@ def _unflip(raw: RawOutput, input_hw: tuple[int, int], flip: str) -> RawOutput:
     else:
         boxes[:, [1, 3]] = input_hw[0] - raw.boxes[:, [3, 1]]
         masks = raw.mask_probs.flip(1)
-    return RawOutput(boxes=boxes, scores=raw.scores, classes=raw.classes, mask_probs=masks)
+    return RawOutput(boxes=boxes, scores=raw.scores, classes=raw.classes, mask_probs=masks, presence=raw.presence)
 
 
-def _merge(a: RawOutput, b: RawOutput, iou: float) -> RawOutput:
+def _merge(a: RawOutput, b: RawOutput, iou: float, views: int = 2) -> RawOutput:
     """Merge two views' detections: per-class NMS, then each kept detection takes the mean score and
-    mask of the detections it overlaps (same class, IoU > ``iou``); one view's lone detection is halved."""
+    mask of the detections it overlaps (same class, IoU > ``iou``); one view's lone detection is halved.
+    Presence probabilities are averaged over the ``views`` seen so far (``a`` holds the mean of ``views - 1``)."""
+    presence = None if a.presence is None else (a.presence * (views - 1) + b.presence) / views
     boxes = torch.cat([a.boxes, b.boxes])
     scores = torch.cat([a.scores, b.scores])
     classes = torch.cat([a.classes, b.classes])
     masks = torch.cat([a.mask_probs, b.mask_probs])
     if len(boxes) == 0:
-        return a
+        return RawOutput(a.boxes, a.scores, a.classes, a.mask_probs, presence)
     keep = batched_nms(boxes, scores, classes, iou)
     overlap = pairwise_iou(Boxes(boxes[keep]), Boxes(boxes)) > iou
     overlap &= classes[keep][:, None] == classes[None, :]
@@ -201,6 +212,7 @@ def _merge(a: RawOutput, b: RawOutput, iou: float) -> RawOutput:
         scores=(weights @ scores).clamp(max=1.0),
         classes=classes[keep],
         mask_probs=torch.einsum("kn,nij->kij", weights, masks) / weights.sum(1).clamp(min=1e-6)[:, None, None],
+        presence=presence,
     )
 
 
@@ -222,17 +234,28 @@ def keeps_class_mask(area, min_area: int):
     return np.asarray(area) >= max(int(min_area), 1)
 
 
-def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: Sequence[int]) -> dict:
+def passes_gate(presence, threshold: float):
+    """Whether an image-level presence probability (a float, an array of them, or None for a model without the
+    presence head) lets a class mask through: at least ``threshold``. With ``class_instances`` and
+    :func:`keeps_class_mask`, part of the one class-mask rule."""
+    return True if presence is None else np.asarray(presence) >= threshold
+
+
+def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: Sequence[int],
+                presence_thresholds: Sequence[float] | None = None) -> dict:
     """The answer for one image: instances above their class's score threshold, and per-class masks.
 
     A class mask is the union of its kept instances (:func:`class_instances`); when :func:`keeps_class_mask`
-    says no, it is emptied together with its instances.
+    or the presence gate (:func:`passes_gate`, models with the presence head) says no, it is emptied together
+    with its instances.
     """
     defects, classes = [], {}
     for index, class_id in enumerate(CLASS_IDS):
         chosen = class_instances(det.class_ids, det.scores, class_id, score_thresholds[index])
         union = det.masks[chosen].any(axis=0) if len(chosen) else None
-        if union is None or not keeps_class_mask(int(union.sum()), min_areas[index]):
+        gate = presence_thresholds[index] if presence_thresholds is not None else 0.0
+        presence = None if det.presence is None else det.presence[index]
+        if union is None or not keeps_class_mask(int(union.sum()), min_areas[index]) or not passes_gate(presence, gate):
             classes[str(class_id)] = ""
             continue
         classes[str(class_id)] = mask_to_rle(union)

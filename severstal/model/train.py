@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
-from detectron2.data import transforms as T
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
@@ -35,6 +34,7 @@ from detectron2.utils.logger import setup_logger
 
 from severstal.data.datasets import register_data_dir, unregister
 from severstal.files import CONFIG_FILE, SPLIT_FILE, WEIGHTS_FILE, write_text_atomic
+from severstal.model.augment import SteelMapper
 from severstal.model.backends import bf16_backbone, cpu_has_bf16
 from severstal.model.config import get_severstal_cfg, use_scratch_weights
 from severstal.model.evaluation import DiceEvaluator
@@ -49,7 +49,7 @@ the checkpoint's (all equal, or training fails)."""
 
 
 class SeverstalTrainer(DefaultTrainer):
-    """``DefaultTrainer`` with flip augmentation and the competition's Dice beside COCO AP."""
+    """``DefaultTrainer`` with steel augmentation (:class:`SteelMapper`) and the competition's Dice beside COCO AP."""
 
     def __init__(self, cfg):
         if cfg.MODEL.DEVICE != "cpu" or comm.get_world_size() == 1:
@@ -71,12 +71,8 @@ class SeverstalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        augmentations = [
-            T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING),
-            T.RandomFlip(horizontal=True, vertical=False),
-            T.RandomFlip(horizontal=False, vertical=True),
-        ]
-        return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augmentations))
+        donors = DatasetCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.SEVERSTAL.COPY_PASTE_PROB else ()
+        return build_detection_train_loader(cfg, mapper=SteelMapper(cfg, donors))
 
     def build_hooks(self):
         hook_list = super().build_hooks()
@@ -123,15 +119,16 @@ def check_pretrained_weights(cfg: CfgNode) -> None:
 
 
 def setup_cfg(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts=(),
-              scratch: bool = False) -> CfgNode:
-    """The complete training config: named config + overrides + data, split and device."""
+              scratch: bool = False, evaluate_after: bool = True) -> CfgNode:
+    """The complete training config: named config + overrides + data, split and device (``evaluate_after``: the
+    trainer evaluates the val split, at the end and every ``TEST.EVAL_PERIOD``)."""
     cfg = get_severstal_cfg(config, opts)
     if scratch:
         use_scratch_weights(cfg)
     cfg.SEVERSTAL.DATA_DIR = str(Path(data_dir).resolve())
     cfg.OUTPUT_DIR = str(output_dir)
     cfg.DATASETS.TRAIN = (TRAIN_SPLIT,)
-    cfg.DATASETS.TEST = (VAL_SPLIT,) if cfg.SEVERSTAL.VAL_FRACTION > 0 else ()
+    cfg.DATASETS.TEST = (VAL_SPLIT,) if cfg.SEVERSTAL.VAL_FRACTION > 0 and evaluate_after else ()
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     return cfg
@@ -232,7 +229,7 @@ def launch_cpu(main_func, num_processes: int, num_machines: int = 1, machine_ran
 
 def train(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts=(), *, resume: bool = False,
           scratch: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
-          dist_url: str = "auto", num_processes: int | None = None) -> Path:
+          dist_url: str = "auto", num_processes: int | None = None, evaluate_after: bool = True) -> Path:
     """Train and return the path of the final weights.
 
     Args:
@@ -247,11 +244,13 @@ def train(data_dir: str | Path, config: str | Path, output_dir: str | Path, opts
         num_processes: train on CPUs in this many processes per machine instead (torch.distributed's gloo
             backend; ``num_machines``, ``machine_rank``, ``dist_url`` as for GPUs). ``SOLVER.IMS_PER_BATCH`` is
             the batch over all processes and must divide by their number.
+        evaluate_after: let the trainer evaluate the val split after training (False when the caller evaluates it
+            itself, e.g. ``severstal evaluate --tune``).
 
     With more than one process, every rank's final weights are checked against the saved checkpoint
     (``distributed.json`` in ``output_dir``).
     """
-    cfg = setup_cfg(data_dir, config, output_dir, opts, scratch)
+    cfg = setup_cfg(data_dir, config, output_dir, opts, scratch, evaluate_after)
     if num_processes is not None:
         if num_gpus > 1:
             raise ValueError("choose --num-gpus (CUDA, NCCL) or --num-processes (CPU, gloo), not both")

@@ -23,15 +23,14 @@ import numpy as np
 import pandas as pd
 
 from severstal import CLASS_IDS
-from severstal.data.annotations import IMAGE_SUFFIXES, read_annotations
+from severstal.data.annotations import read_annotations
+from severstal.data.folds import CLASS_COLUMNS, image_files, read_class_table
 from severstal.data.instances import DEFAULT_CONNECTIVITY, rles_to_instances
 from severstal.data.rle import SHAPE, parse_rles
-from severstal.files import REAL_LABELS_CSV, REAL_MASKS_CSV, TRAIN_CSV, TRAIN_IMAGES, real_data_root
+from severstal.files import REAL_LABELS_CSV, REAL_MASKS_CSV, TRAIN_CSV, real_data_root
 
 log = logging.getLogger(__name__)
 
-IMAGE_FOLDERS = (TRAIN_IMAGES, f"{TRAIN_IMAGES}_png")
-CLASS_COLUMNS = [f"class{c}" for c in CLASS_IDS]
 
 
 @dataclass
@@ -89,23 +88,6 @@ def choose_data_dir(kaggle_dir: str | Path | None = None, synthetic_dir: str | P
     return synthetic_dir
 
 
-def image_files(root: str | Path) -> dict[str, Path]:
-    """ImageId -> file of every image in ``root``'s ``train_images/`` and ``train_images_png/``.
-
-    A file of ``train_images_png/`` stands for the JPEG ImageId of the same stem (``x.png`` is ``x.jpg``).
-    """
-    files = {}
-    for folder in IMAGE_FOLDERS:
-        path = Path(root) / folder
-        if not path.is_dir():
-            continue
-        for file in sorted(path.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                image_id = file.name if folder == IMAGE_FOLDERS[0] else f"{file.stem}.jpg"
-                files.setdefault(image_id, file)
-    return files
-
-
 def class_table(masks: pd.DataFrame, image_ids: Iterable[str]) -> pd.DataFrame:
     """Per-image class presence from masks: every image of ``image_ids`` and of ``masks``.
 
@@ -126,28 +108,6 @@ def class_table(masks: pd.DataFrame, image_ids: Iterable[str]) -> pd.DataFrame:
     table["n_classes"] = table[CLASS_COLUMNS].sum(axis=1)
     table["rle_known"] = 1
     return table
-
-
-def read_class_table(path: str | Path) -> pd.DataFrame:
-    """Read a per-image class table (the real sample's ``train_labels_per_image.csv``).
-
-    Returns:
-        The frame :func:`class_table` returns.
-
-    Raises:
-        ValueError: a column is missing or a class flag is not 0/1.
-    """
-    raw = pd.read_csv(path, dtype={"ImageId": str})
-    missing = {"ImageId", *CLASS_COLUMNS} - set(raw.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-    flags = raw[CLASS_COLUMNS]
-    if not flags.isin([0, 1]).all().all():
-        raise ValueError(f"{path}: class flags must be 0 or 1")
-    table = raw[["ImageId", *CLASS_COLUMNS]].astype({c: np.int64 for c in CLASS_COLUMNS})
-    table["n_classes"] = table[CLASS_COLUMNS].sum(axis=1)
-    table["rle_known"] = raw["rle_known"].astype(np.int64) if "rle_known" in raw else 1
-    return table.sort_values("ImageId").reset_index(drop=True)
 
 
 def load_dataset(root: str | Path) -> ExploreData:

@@ -1,0 +1,175 @@
+"""k-fold cross-validation on a labelled folder: what a model learns from few real labels, beside all-empty.
+
+For each fold (:func:`severstal.data.folds.stratified_folds`, no image in two folds): train the config on the
+other folds, tune the thresholds (score, minimum area, presence gate) on a split of that training part only
+(``SEVERSTAL.VAL_FRACTION`` of it, class-stratified), then predict the held-out fold and score it with the
+competition's Dice beside the all-empty submission on the same images. Images whose truth is incomplete are
+never trained on nor scored. Every fold writes ``fold<k>/fold.json`` when it is done; a rerun with the same
+``--out`` skips finished folds (resume) and refuses another plan (other folds, config or overrides).
+
+Output (``cv.json``): ``{"plan": {...}, "folds": [fold results], "mean": {...}, "spread": {...}}``, where a fold
+result holds ``dice``, ``all_empty``, ``dice_defect_pairs`` (Dice on the pairs whose true mask is not empty),
+``dice_per_class``, ``presence_auc`` (per class, ROC AUC of the image-level score: the presence head's
+probability, else the best detection score of the class), the tuned thresholds, ``images`` and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from severstal import CLASS_IDS
+from severstal.data.dice import dice_table
+from severstal.data.folds import LabelledImages, read_labelled_images, stratified_folds, write_training_folder
+from severstal.data.images import read_image
+from severstal.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECIPE = "fewlabels"
+"""The config ``severstal cv`` trains when given neither ``--config`` nor overrides."""
+CV_FILE = "cv.json"
+PLAN_FILE = "plan.json"
+FOLD_FILE = "fold.json"
+SUMMARY_KEYS = ("dice", "all_empty", "gain", "dice_defect_pairs")
+"""The fold figures averaged (``mean``) and spread (``spread``: standard deviation over folds) in ``cv.json``."""
+
+
+def presence_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``labels`` (the Mann-Whitney statistic, ties counted half); NaN when one
+    class of label is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return float("nan")
+    ranks = pd.Series(np.asarray(scores, dtype=float)).rank(method="average").to_numpy()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def image_scores(detections) -> np.ndarray:
+    """(images, 4) image-level score per class: the presence head's probability, else the class's best
+    detection score (0 without one)."""
+    rows = []
+    for det in detections:
+        if det.presence is not None:
+            rows.append(np.asarray(det.presence, dtype=float))
+        else:
+            rows.append([float(det.scores[det.class_ids == c].max(initial=0.0)) for c in CLASS_IDS])
+    return np.asarray(rows, dtype=float).reshape(-1, len(CLASS_IDS))
+
+
+def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str], batch_size: int = 4) -> dict:
+    """Predict ``image_ids`` with a trained (and tuned) run and score them against their truth.
+
+    Returns:
+        ``dice``, ``all_empty``, ``gain`` (dice - all_empty), ``dice_defect_pairs``, ``defect_pairs``,
+        ``dice_per_class``, ``presence_auc``, ``images``.
+    """
+    from severstal.model.evaluation import records_frame
+    from severstal.model.predict import Predictor, make_record
+
+    predictor = Predictor.from_weights(run)
+    thresholds, min_areas = predictor.thresholds
+    records, detections = [], []
+    for start in range(0, len(image_ids), batch_size):
+        batch = [read_image(images.files[i]) for i in image_ids[start : start + batch_size]]
+        for det in predictor.detect(batch):
+            detections.append(det)
+            records.append(make_record(det, thresholds, min_areas, predictor.presence_thresholds))
+    truth = images.masks[images.masks["ImageId"].isin(set(image_ids))]
+    table = dice_table(records_frame(list(image_ids), records), truth, image_ids)
+    empty = dice_table(truth.iloc[0:0], truth, image_ids)
+    present = {(i, int(c)) for i, c in zip(truth["ImageId"], truth["ClassId"])}
+    scores = image_scores(detections)
+    auc = {str(c): presence_auc(scores[:, k], np.array([(i, c) in present for i in image_ids]))
+           for k, c in enumerate(CLASS_IDS)}
+    dice, all_empty = table["mean_dice"], empty["mean_dice"]
+    return {"dice": dice, "all_empty": all_empty, "gain": dice - all_empty,
+            "dice_defect_pairs": table["dice_nonempty"], "defect_pairs": table["nonempty_pairs"],
+            "dice_per_class": {str(c): v for c, v in table["dice_per_class"].items()}, "presence_auc": auc,
+            "images": len(image_ids)}
+
+
+def summarise(folds: list[dict]) -> tuple[dict, dict]:
+    """Mean and spread (standard deviation over folds) of :data:`SUMMARY_KEYS`, and the mean per class."""
+    mean = {k: float(np.mean([f[k] for f in folds])) for k in SUMMARY_KEYS}
+    spread = {k: float(np.std([f[k] for f in folds])) for k in SUMMARY_KEYS}
+    for key in ("dice_per_class", "presence_auc"):
+        mean[key] = {str(c): float(np.nanmean([f[key][str(c)] for f in folds])) if any(
+            np.isfinite(f[key][str(c)]) for f in folds) else float("nan") for c in CLASS_IDS}
+    mean["folds_beating_all_empty"] = sum(f["gain"] > 0 for f in folds)
+    return mean, spread
+
+
+def cross_validate(data: str | Path, out: str | Path, config: str | Path | None = None, opts: Sequence[str] = (),
+                   folds: int = 5, seed: int = 0, scratch: bool = True,
+                   on_fold: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) a k-fold cross-validation; see the module docstring.
+
+    Args:
+        data: a labelled folder: Kaggle's layout or the real sample's (``severstal.data.folds``).
+        out: folder for the folds' runs and ``cv.json``.
+        config: a named config or YAML; default, with no ``opts`` either: :data:`DEFAULT_RECIPE`.
+        opts: Detectron2-style ``KEY VALUE`` overrides, as ``severstal train``.
+        folds, seed: the number of folds and the seed of the stratified split.
+        scratch: train from random weights (no download); False starts from the config's ``MODEL.WEIGHTS``.
+        on_fold: called with ``(k, fold result)`` after each fold (finished now or earlier).
+
+    Returns:
+        What ``cv.json`` holds.
+    """
+    from severstal.model.evaluation import evaluate
+    from severstal.model.train import train
+
+    out = Path(out)
+    images = read_labelled_images(data)
+    config = str(config) if config is not None else (DEFAULT_RECIPE if not opts else "small")
+    fold_ids = stratified_folds(images.class_sets(), folds, seed)
+    plan = {"data": str(Path(data).resolve()), "config": config, "opts": [str(o) for o in opts], "folds": fold_ids,
+            "seed": seed, "scratch": scratch, "images": len(images.files), "left_out_incomplete": images.incomplete}
+    _check_plan(out / PLAN_FILE, plan)
+    log.info("%d images with complete truth in %d folds; %d left out (incomplete truth)", len(images.files), folds,
+             len(images.incomplete))
+    results = []
+    for k, held_out in enumerate(fold_ids):
+        fold_dir = out / f"fold{k}"
+        done = fold_dir / FOLD_FILE
+        if done.is_file():
+            result = json.loads(done.read_text())
+            log.info("fold %d/%d: done earlier (%s), not trained again", k + 1, folds, done)
+        else:
+            started = time.perf_counter()
+            train_ids = [i for j, ids in enumerate(fold_ids) if j != k for i in ids]
+            training_data = write_training_folder(fold_dir / "data", images, train_ids)
+            log.info("fold %d/%d: training on %d images, %d held out", k + 1, folds, len(train_ids), len(held_out))
+            train(training_data, config, fold_dir / "run", opts=list(opts), scratch=scratch, evaluate_after=False)
+            tuned = evaluate(fold_dir / "run", tune=True)
+            result = score_fold(fold_dir / "run", images, held_out)
+            result.update(fold=k, seconds=round(time.perf_counter() - started, 1),
+                          **{key: tuned[key] for key in ("score_thresholds", "min_areas", "presence_thresholds")})
+            write_text_atomic(done, json.dumps(result, indent=1))
+        results.append(result)
+        if on_fold is not None:
+            on_fold(k, result)
+    mean, spread = summarise(results)
+    report = {"plan": plan, "folds": results, "mean": mean, "spread": spread}
+    write_text_atomic(out / CV_FILE, json.dumps(report, indent=1))
+    return report
+
+
+def _check_plan(path: Path, plan: dict) -> None:
+    """Write the plan of a new CV, or check that a resumed one has the same (else its folds would mix)."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differs = [k for k in ("config", "opts", "folds", "seed", "scratch") if old.get(k) != plan[k]]
+        if differs:
+            raise ValueError(f"{path.parent} holds a cross-validation with other {', '.join(differs)}: "
+                             "choose another --out to run this one")
+        return
+    write_text_atomic(path, json.dumps(plan, indent=1))
