@@ -81,14 +81,14 @@ def make_context(model_dir: Path, batch_size: int = 4, handler_block: dict | Non
     return Context("severstal", str(model_dir), manifest, batch_size, None, "0.12.0", True, metrics, yaml_config)
 
 
-def start_batch(context, requests: list[dict]) -> None:
-    """What ``ts.service.Service.predict`` does before calling the handler."""
+def start_batch(context, requests: list[dict], headers: list[dict] | None = None) -> None:
+    """What ``ts.service.Service.predict`` does before calling the handler (with each request's headers)."""
     from ts.context import RequestProcessor
 
     ids = {i: f"request-{i}" for i in range(len(requests))}
     context.request_ids = ids
     context.metrics.request_ids = ids
-    context.request_processor = [RequestProcessor({}) for _ in requests]
+    context.request_processor = [RequestProcessor(dict(h)) for h in (headers or [{}] * len(requests))]
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,9 @@ def handler(scratch_run):
     return instance
 
 
-def handle(handler, context, requests: list[dict]) -> tuple[list[dict], list[int]]:
+def handle(handler, context, requests: list[dict], headers: list[dict] | None = None) -> tuple[list[dict], list[int]]:
     """Run a batch through ``handler.handle`` like a worker; return the answers and each HTTP status."""
-    start_batch(context, requests)
+    start_batch(context, requests, headers)
     answers = handler.handle(requests, context)
     statuses = [context.get_response_status(i)[0] or 200 for i in range(len(requests))]
     json.dumps(answers)  # TorchServe serialises each answer with json.dumps
@@ -165,6 +165,24 @@ def test_bad_inputs_fail_alone_and_the_good_ones_in_the_batch_succeed(handler, s
         assert status == expected_status, name
         assert answer["code"] == expected_status and answer["type"] == "BadRequest", name
         assert words in answer["message"], (name, answer["message"])
+
+
+def test_native_and_open_inference_requests_share_a_batch_and_each_is_answered_in_its_protocol(handler, scratch_run,
+                                                                                               jpegs):
+    from severstal.serve import oip
+
+    binary, binary_headers = oip.encode_infer_request(jpegs[1], request_id="b-1")
+    as_json = json.loads(oip.encode_infer_request(jpegs[0], binary=False)[0])  # TorchServe decodes JSON bodies
+    bad = json.loads(oip.encode_infer_request(b"not an image", binary=False)[0])
+    requests = [{"body": jpegs[0]}, {"body": binary}, {"body": as_json}, {"body": bad}, {"body": jpegs[1]}]
+    headers = [{}, {k.lower(): v for k, v in binary_headers.items()}, {}, {}, {}]
+    answers, statuses = handle(handler, make_context(scratch_run), requests, headers)
+    assert statuses == [200, 200, 200, 400, 200]
+    assert answers[1]["id"] == "b-1" and answers[1]["model_name"] == "severstal"
+    assert oip.record_from_response(answers[1]) == answers[4]
+    assert oip.record_from_response(answers[2]) == answers[0]
+    assert set(answers[3]) == {"error"} and "not an image" in answers[3]["error"]
+    check_answer(answers[0], 256, 1600)
 
 
 def test_a_batch_of_only_bad_inputs_answers_without_predicting(handler, scratch_run, bad_inputs):

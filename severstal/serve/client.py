@@ -1,12 +1,17 @@
-"""The client of the served model: post an image to a predictions URL and get the REST answer.
+"""The client of the served model: post an image to a model URL and get the REST answer.
 
-The demo, the benchmarks and notebook 04 all post through :func:`post_image`. It retries what a restarting
-worker or a busy server answers (503, 507, a refused or reset connection, a timeout) with exponential
-backoff, up to ``retries`` times, logs each retry and raises :class:`PredictionError` saying how many tries
-it made when it gives up. TorchServe answers the requests of a batch whose worker died with the message "Worker died."
-and 500 (507 when it sees the worker was killed): those are retried too, whatever the status. Any other 4xx is
-the client's own fault and is never retried, nor is another 500 (the model failed on this very image and
-would again).
+The demo, the benchmarks and notebook 04 all post through :func:`post_image`. It speaks both routes of
+both servers (TorchServe and Ray Serve), chosen by the URL alone (:func:`model_url`): the native
+``/predictions/NAME`` and the Open Inference Protocol's ``/v2/models/NAME/infer`` (the image sent with the
+binary tensor extension; the answer turned back into the native one by
+:func:`severstal.serve.oip.record_from_response`), so the caller gets the same dict from either.
+
+It retries what a restarting worker or a busy server answers (503, 507, a refused or reset connection, a
+timeout) with exponential backoff, up to ``retries`` times, logs each retry and raises
+:class:`PredictionError` saying how many tries it made when it gives up. TorchServe answers the requests of
+a batch whose worker died with the message "Worker died." and 500 (507 when it sees the worker was killed):
+those are retried too, whatever the status. Any other 4xx is the client's own fault and is never retried,
+nor is another 500 (the model failed on this very image and would again).
 
 With the defaults (5 retries from 0.5 s, doubled, at most 8 s apart) a request survives about 15 s without
 an answer: a killed worker restarts in 3-6 s on a CPU, so no request of :func:`post_image` is lost to it
@@ -16,11 +21,38 @@ an answer: a killed worker restarts in 3-6 s on a CPU, so no request of :func:`p
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from severstal.serve import oip
 
 log = logging.getLogger(__name__)
+
+PROTOCOLS = ("native", "oip")
+"""The routes a model answers on: ``/predictions/NAME`` and the Open Inference Protocol's ``/v2/models/NAME/infer``."""
+_INFER_PATH = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer/?")
+
+
+def model_url(base: str, model: str = "severstal", protocol: str = "native") -> str:
+    """The URL to post images to: ``BASE/predictions/MODEL`` or ``BASE/v2/models/MODEL/infer``.
+
+    Args:
+        base: the server's inference address, e.g. ``http://127.0.0.1:8080``.
+        model: the model name.
+        protocol: one of :data:`PROTOCOLS`.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
+    base = base.rstrip("/")
+    return f"{base}/predictions/{model}" if protocol == "native" else f"{base}/v2/models/{model}/infer"
+
+
+def url_protocol(url: str) -> str:
+    """The protocol of a model URL: ``oip`` for ``.../v2/models/NAME/infer``, else ``native``."""
+    return "oip" if _INFER_PATH.fullmatch(urlsplit(url).path) else "native"
 
 RETRY_STATUSES = (503, 507)
 """TorchServe's answers while a worker restarts or its queue is full: worth asking again."""
@@ -48,11 +80,12 @@ MAX_BACKOFF = 8.0
 def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] | None = None,
                timeout: float = 120.0, retries: int = 5, backoff: float = 0.5, session=None,
                on_retry: Callable[[str, int], None] | None = None) -> dict:
-    """POST one image to a predictions URL and return its answer (the REST contract's dict).
+    """POST one image to a model URL and return its answer (the REST contract's dict), on either route.
 
     Args:
-        url: e.g. ``Server.predictions_url()``.
-        image: an image file or its bytes, sent as the raw body (``Content-Type: application/octet-stream``).
+        url: e.g. ``Server.predictions_url()`` or :func:`model_url` with ``protocol="oip"``.
+        image: an image file or its bytes, sent as the raw body (``Content-Type: application/octet-stream``),
+            or as the ``image`` input of an ``infer`` request on a ``/v2/models/NAME/infer`` URL.
         headers: e.g. ``Server.headers()`` when token authorization is on.
         timeout: seconds to wait for one answer.
         retries: further tries after a 503/507 or a failed connection; 0 tries once.
@@ -67,7 +100,11 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
     import requests
 
     body = image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
-    sent = {"Content-Type": "application/octet-stream", **dict(headers or {})}
+    infer = url_protocol(url) == "oip"
+    sent = {"Content-Type": "application/octet-stream"}
+    if infer:
+        body, sent = oip.encode_infer_request(bytes(body))
+    sent.update(headers or {})
     poster = session or requests
     for attempt in range(retries + 1):
         last = attempt == retries
@@ -82,7 +119,7 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
             log.warning("%s: %s; retry %d of %d in %.1f s", url, reason, attempt + 1, retries, delay)
         else:
             if response.status_code == 200:
-                return response.json()
+                return oip.record_from_response(response.json()) if infer else response.json()
             died = WORKER_DIED in response.text
             if not (response.status_code in RETRY_STATUSES or died) or last:
                 tries = f" after {attempt + 1} tries" if attempt else ""
@@ -99,8 +136,9 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
 
 
 def _message(response) -> str:
-    """The ``message`` of a TorchServe JSON error, else the body or the reason."""
+    """The ``message`` of a TorchServe JSON error (``error`` in the Open Inference Protocol), else the body."""
     try:
-        return response.json().get("message", response.text)
-    except ValueError:
+        body = response.json()
+        return body.get("message", body.get("error", response.text))
+    except (ValueError, AttributeError):
         return response.text or response.reason

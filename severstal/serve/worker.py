@@ -1,10 +1,12 @@
 """The logic of a TorchServe worker: requests -> images -> predictions -> per-request answers.
 
-The handler (``severstal/serve/torchserve/handler.py``) is a thin TorchServe class over this module, so that
-all of it is importable and tested without a server::
+The TorchServe handler (``severstal/serve/torchserve/handler.py``) and the Ray Serve deployment
+(:mod:`severstal.serve.rayserve`) are thin layers over this module, so that all of it is importable and
+tested without a server, and both servers answer alike::
 
-    request dicts -> decode_batch (a bad item becomes a BadRequest) -> ServingModel.predict (one
-    Predictor.predict call for all good images of the batch) -> respond (per-item HTTP status, JSON)
+    request dicts -> read_batch (an Upload per request: its route, its image or a BadRequest) ->
+    ServingModel.predict (one Predictor.predict call for all good images of the batch) ->
+    answer (per-request HTTP status and JSON, in the request's protocol) -> respond (TorchServe's context)
 
 Decisions:
 
@@ -21,10 +23,16 @@ Decisions:
 * **Images of another size** than 1600x256 are predicted after the model's own resize and answered at
   their original size: ``height``, ``width``, every box and every RLE refer to the image as sent.
 * **Where the image is:** the raw body (TorchServe's field ``body``) or the multipart field ``data``.
+* **Two protocols, one worker.** The native route (``/predictions/NAME``: the image in, the REST contract's
+  JSON out) and the Open Inference Protocol (``/v2/models/NAME/infer``: :mod:`severstal.serve.oip`) differ
+  only in how the image comes and how the answer and errors are written; decoding, limits, batching and
+  isolation are the same code. TorchServe hands both routes to the same handler, which tells them by
+  content (:func:`severstal.serve.oip.is_infer_request`); Ray Serve knows the route from the path.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -36,6 +44,7 @@ import numpy as np
 from severstal import CLASS_IDS
 from severstal.data.images import MAX_PIXELS, ImageError, decode_image
 from severstal.files import BACKENDS, WEIGHTS_FILE
+from severstal.serve import oip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,8 @@ INFERENCE_METRIC = "SeverstalInferenceTime"
 """Handler metric (ms): one ``Predictor.predict`` call for a whole batch."""
 BATCH_METRIC = "SeverstalBatchSize"
 """Handler metric (count): requests in the batch of the last handler call."""
+ROUTES = ("native", "oip")
+"""How a request came: the native ``/predictions/NAME`` route or the Open Inference Protocol's ``infer``."""
 
 
 # Requests and answers ----------------------------------------------------------------------------------
@@ -159,74 +170,187 @@ class ImageLimits:
                              f"{self.describe()}")
 
 
-def request_image(request: Mapping, index: int = 0) -> np.ndarray:
-    """The image of one TorchServe request as an (H, W, 3) uint8 BGR array.
-
-    Args:
-        request: one item of the handler's ``data``: field name -> value, where the value is bytes or a
-            bytearray (TorchServe decodes ``text/*`` bodies to str and ``application/json`` ones to objects).
-        index: the request's position in the batch, for messages.
-
-    Raises:
-        BadRequest: no image, empty, text or JSON, or bytes that are not a readable image (empty, not an
-            image, truncated, decompression bomb: see ``severstal.data.images.decode_image``).
-    """
-    expected = "send a JPEG or PNG image as the request body or as multipart field 'data'"
+def _request_body(request: Mapping, index: int):
+    """The image field of one request (multipart ``data``, else the raw ``body``), as TorchServe hands it over."""
     name = next((f for f in REQUEST_FIELDS if isinstance(request, Mapping) and f in request), None)
     if name is None:
         fields = sorted(request) if isinstance(request, Mapping) else type(request).__name__
-        raise BadRequest(f"no image in request {index} (fields: {fields}): {expected}")
-    value = request[name]
+        raise BadRequest(f"no image in request {index} (fields: {fields}): {_EXPECTED}")
+    return request[name]
+
+
+_EXPECTED = "send a JPEG or PNG image as the request body or as multipart field 'data'"
+
+
+def image_from_body(value, index: int = 0) -> np.ndarray:
+    """Decode an image body as an (H, W, 3) uint8 BGR array.
+
+    Args:
+        value: bytes or a bytearray (TorchServe decodes ``text/*`` bodies to str and ``application/json`` ones
+            to objects: both are refused).
+        index: the request's position in the batch, for messages.
+
+    Raises:
+        BadRequest: empty, text or JSON, or bytes that are not a readable image (empty, not an image,
+            truncated, decompression bomb: see ``severstal.data.images.decode_image``).
+    """
     if value is None or len(value) == 0:
-        raise BadRequest(f"empty request body: {expected}")
+        raise BadRequest(f"empty request body: {_EXPECTED}")
     if isinstance(value, str):
-        raise BadRequest(f"the request body is text ({len(value)} characters), not an image: {expected}", 415)
+        raise BadRequest(f"the request body is text ({len(value)} characters), not an image: {_EXPECTED}", 415)
     if not isinstance(value, (bytes, bytearray)):
-        raise BadRequest(f"the request body is JSON ({type(value).__name__}), not an image: {expected}", 415)
+        raise BadRequest(f"the request body is JSON ({type(value).__name__}), not an image: {_EXPECTED}", 415)
     try:
         return decode_image(bytes(value), source="request body")
     except ImageError as err:
         raise BadRequest(str(err)) from None
 
 
-def decode_batch(requests: Sequence[Mapping], limits: ImageLimits | None = None) -> list[np.ndarray | BadRequest]:
-    """Decode every request of a batch; a bad one becomes its :class:`BadRequest` and fails alone.
+def request_image(request: Mapping, index: int = 0) -> np.ndarray:
+    """The image of one native TorchServe request (field ``data`` or ``body``): see :func:`image_from_body`."""
+    return image_from_body(_request_body(request, index), index)
+
+
+def fields_from_http(body: bytes, content_type: str | None) -> dict:
+    """A request's fields as TorchServe hands them to its handler, for a server that reads raw HTTP (Ray Serve).
+
+    Multipart forms give one field per part (bytes); any other body is the field ``body``: decoded to str for
+    ``text/*`` and to an object for valid ``application/json``, as TorchServe's worker does, so both servers
+    refuse those alike.
+
+    Args:
+        body: the raw request body.
+        content_type: its ``Content-Type`` header, or None.
+    """
+    import email.parser
+    import email.policy
+
+    content_type = content_type or ""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        fields = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name:
+                fields[name] = part.get_payload(decode=True) or b""
+        return fields
+    if kind.startswith("text"):
+        return {"body": body.decode("utf-8", errors="replace")}
+    if kind == "application/json":
+        try:
+            return {"body": json.loads(body)}
+        except ValueError:
+            return {"body": body}
+    return {"body": body}
+
+
+@dataclass
+class Upload:
+    """One request on its way through the worker.
+
+    Attributes:
+        route: one of :data:`ROUTES`.
+        item: the decoded (H, W, 3) uint8 BGR image, or the request's :class:`BadRequest`.
+        infer: the parsed ``infer`` request (its id and outputs) on the ``oip`` route, when it parsed.
+    """
+
+    route: str
+    item: np.ndarray | BadRequest
+    infer: oip.InferRequest | None = None
+
+
+def read_request(request: Mapping, headers: Mapping | None = None, limits: ImageLimits | None = None,
+                 index: int = 0, route: str | None = None) -> Upload:
+    """Read one request: its route, then its image, checked against the model's limits.
+
+    Args:
+        request: field name -> value, as TorchServe hands a request to its handler (``body`` or ``data``).
+        headers: the request's headers (the Open Inference Protocol's binary extension needs them).
+        limits: the model's :class:`ImageLimits`; None checks decoding only.
+        index: the request's position in the batch, for messages.
+        route: one of :data:`ROUTES` when the server knows it from the path; None tells it by content.
+
+    Returns:
+        An :class:`Upload`; a bad request is its item (a :class:`BadRequest`), never an exception.
+    """
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; allowed: {list(ROUTES)}")
+    infer = None
+    try:
+        body = _request_body(request, index)
+        if route is None:
+            route = "oip" if oip.is_infer_request(body, headers) else "native"
+        if route == "oip":
+            try:
+                infer = oip.parse_infer_request(body, headers)
+            except oip.ProtocolError as err:
+                raise BadRequest(str(err), err.status) from None
+            body = infer.image
+        image = image_from_body(body, index)
+        if limits is not None:
+            limits.check(*image.shape[:2])
+        return Upload(route, image, infer)
+    except BadRequest as err:
+        log.info("request %d refused (%d): %s", index, err.status, err)
+        return Upload(route or "native", err, infer)
+    except Exception as err:  # a decoder failure decode_image does not know: still this request's alone
+        log.exception("request %d: unexpected decoding failure", index)
+        return Upload(route or "native", BadRequest(f"the request body could not be decoded as an image "
+                                                    f"({type(err).__name__}: {err}): send a JPEG or PNG image"), infer)
+
+
+def read_batch(requests: Sequence[Mapping], limits: ImageLimits | None = None,
+               headers: Sequence[Mapping] | None = None) -> list[Upload]:
+    """:func:`read_request` for every request of a batch; a bad one fails alone.
 
     Args:
         requests: the handler's ``data``.
-        limits: the model's :class:`ImageLimits`; None checks decoding only.
+        limits: the model's :class:`ImageLimits`.
+        headers: each request's headers (TorchServe: ``context.get_all_request_header(i)``); None: none.
     """
-    decoded: list[np.ndarray | BadRequest] = []
-    for index, request in enumerate(requests):
-        try:
-            image = request_image(request, index)
-            if limits is not None:
-                limits.check(*image.shape[:2])
-            decoded.append(image)
-        except BadRequest as err:
-            log.info("request %d of %d refused (%d): %s", index, len(requests), err.status, err)
-            decoded.append(err)
-        except Exception as err:  # a decoder failure decode_image does not know: still this request's alone
-            log.exception("request %d of %d: unexpected decoding failure", index, len(requests))
-            decoded.append(BadRequest(f"the request body could not be decoded as an image ({type(err).__name__}: "
-                                      f"{err}): send a JPEG or PNG image"))
-    return decoded
+    headers = list(headers) if headers is not None else [None] * len(requests)
+    return [read_request(r, h, limits, i) for i, (r, h) in enumerate(zip(requests, headers))]
 
 
-def respond(results: Sequence[dict | BadRequest], context) -> list[dict]:
+def decode_batch(requests: Sequence[Mapping], limits: ImageLimits | None = None) -> list[np.ndarray | BadRequest]:
+    """The items of :func:`read_batch`: an image, or the request's :class:`BadRequest`."""
+    return [upload.item for upload in read_batch(requests, limits)]
+
+
+def answer(upload: Upload, result: dict | BadRequest, model_name: str, model_version: str | None = None
+           ) -> tuple[int, dict]:
+    """The HTTP status and JSON body of one request, in its route's protocol.
+
+    Args:
+        upload: the request as read.
+        result: its record (the REST contract's answer) or its :class:`BadRequest`.
+        model_name, model_version: what the Open Inference Protocol's answer names.
+    """
+    if isinstance(result, BadRequest):
+        return result.status, (oip.error_body(str(result)) if upload.route == "oip" else result.answer())
+    if upload.route == "oip":
+        return 200, oip.infer_response(result, model_name, model_version, upload.infer)
+    return 200, result
+
+
+def respond(uploads: Sequence[Upload], results: Sequence[dict | BadRequest], context) -> list[dict]:
     """The handler's answers: one JSON-able dict per request, with its HTTP status set on ``context``.
 
     Args:
+        uploads: the batch as :func:`read_batch` read it.
         results: a record (the REST answer) or a :class:`BadRequest` per request.
-        context: TorchServe's ``Context`` of this batch (per-item status and headers).
+        context: TorchServe's ``Context`` of this batch (per-item status and headers; the manifest's name
+            and version).
     """
+    model = context.manifest.get("model", {})
     answers = []
-    for index, result in enumerate(results):
-        if isinstance(result, BadRequest):
-            context.set_response_status(result.status, result.phrase, index)
-            answers.append(result.answer())
-        else:
-            answers.append(result)
+    for index, (upload, result) in enumerate(zip(uploads, results)):
+        status, body = answer(upload, result, model.get("modelName", ""), model.get("modelVersion"))
+        if status != 200:
+            context.set_response_status(status, BadRequest.PHRASES.get(status, "Bad Request"), index)
+        answers.append(body)
         context.set_response_content_type(index, "application/json")
         context.set_response_header(index, BATCH_HEADER, str(len(results)))
     return answers

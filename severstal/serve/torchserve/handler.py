@@ -15,7 +15,11 @@ from severstal.serve import worker
 
 
 class SeverstalHandler(BaseHandler):
-    """Answers each request of a batch with the REST contract's JSON, or with its own 4xx error."""
+    """Answers each request of a batch with the REST contract's JSON, or with its own 4xx error.
+
+    Requests of ``/predictions/NAME`` and of the Open Inference Protocol's ``/v2/models/NAME/infer`` come here
+    alike; each is answered in its own protocol (``severstal.serve.oip``).
+    """
 
     def initialize(self, context):
         """Load the archive's weights on the GPU TorchServe assigned (``gpu_id``), else the CPU."""
@@ -25,17 +29,20 @@ class SeverstalHandler(BaseHandler):
         self.initialized = True
 
     def preprocess(self, data):
-        """Request dicts -> an image array, or a BadRequest (unreadable, or beyond the model's limits), per request."""
-        return worker.decode_batch(data, self.serving_model.limits)
+        """Request dicts -> an Upload per request: its route, and an image or a BadRequest (unreadable, or beyond
+        the model's limits)."""
+        headers = [self.context.get_all_request_header(i) for i in range(len(data))]
+        return worker.read_batch(data, self.serving_model.limits, headers)
 
     def inference(self, data, *args, **kwargs):
         """Predict the batch in one call (one by one if that fails) and emit the inference-time metric."""
         start = time.perf_counter()
         with torch.inference_mode():
-            results = self.serving_model.predict(data)
+            results = self.serving_model.predict([upload.item for upload in data])
         worker.record_metrics(self.context.metrics, time.perf_counter() - start, len(data))
-        return results
+        return data, results
 
     def postprocess(self, data):
-        """One JSON-able dict per request; a bad request gets its 4xx status."""
-        return worker.respond(data, self.context)
+        """One JSON-able dict per request, in its protocol; a bad request gets its 4xx status."""
+        uploads, results = data
+        return worker.respond(uploads, results, self.context)
