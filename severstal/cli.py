@@ -298,6 +298,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnx-simplifier")
     parser.add_argument("--score-floor", type=float, help="score floor frozen into the graph (default: the run's "
                         "lowest tuned threshold, else the config's MODEL.ROI_HEADS.SCORE_THRESH_TEST)")
+    int8 = parser.add_argument_group("int8 (ONNX Runtime static quantization of the backbone and FPN)")
+    int8.add_argument("--int8", action="store_true", help="write an int8 model.onnx (the fp32 one goes to OUT/fp32) "
+                      "if its class masks match fp32's (Dice >= 0.99) on images not used for calibration")
+    int8.add_argument("--calibration", type=Path, help="folder of real images: the first N calibrate, the next 8 "
+                      "check parity")
+    int8.add_argument("--calibration-images", type=int, default=16, metavar="N", help="calibration images (default 16)")
 
 
 @command("export", "Export a trained model to ONNX (simplified, checked) or a TensorRT engine.", _export_arguments)
@@ -308,12 +314,21 @@ def _export(args: argparse.Namespace) -> int:
     from severstal.model.export import export_onnx, export_tensorrt
 
     logging.basicConfig(level=logging.INFO, format="severstal export: %(message)s")
+    if args.int8 and (args.format != "onnx" or args.calibration is None):
+        raise ValueError("--int8 needs --format onnx and --calibration DIR (real images to calibrate and check on)")
     try:
         onnx = args.weights if args.weights.suffix == ".onnx" else None
         if onnx is None:
-            onnx = export_onnx(args.weights, args.out, opset=args.opset, simplify=args.simplify,
-                               score_floor=args.score_floor)
+            onnx = export_onnx(args.weights, args.out / "fp32" if args.int8 else args.out, opset=args.opset,
+                               simplify=args.simplify, score_floor=args.score_floor)
             print(f"onnx: {onnx} ({onnx.stat().st_size / 1e6:.1f} MB)")
+        if args.int8:
+            from severstal.model.quantize import quantize_export
+
+            path, report = quantize_export(onnx, args.calibration, args.out, args.calibration_images)
+            print(f"int8: {path} ({path.stat().st_size / 1e6:.1f} MB): {report['quantized_convs']} convolutions, "
+                  f"class-mask Dice {report['parity_dice']:.4f} against fp32 on {report['parity_images']} images "
+                  f"not used for calibration")
         if args.format == "tensorrt":
             engine = export_tensorrt(onnx, args.out, fp16=args.fp16)
             print(f"tensorrt: {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
@@ -342,6 +357,8 @@ def _archive(args: argparse.Namespace) -> None:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", type=Path, required=True, help="folder of .mar archives (all are served)")
+    parser.add_argument("--engine", choices=("torchserve", "ray"), default="torchserve",
+                        help="torchserve (default) or ray: Ray Serve on a local Ray or a cluster (--address)")
     parser.add_argument("--host", default="127.0.0.1", help="address of the inference and metrics APIs")
     parser.add_argument("--port", type=int, default=8080,
                         help="inference port; management PORT+1 (loopback only), metrics PORT+2; 0: any free")
@@ -350,23 +367,39 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "(default: a new temporary folder)")
     parser.add_argument("--token-auth", action=argparse.BooleanOptionalAction, default=None,
                         help="require token keys (default: on unless --host is loopback)")
+    ray = parser.add_argument_group("--engine ray")
+    ray.add_argument("--model", help="the model to serve when the store holds several archives")
+    ray.add_argument("--replicas", type=int, help="replicas (default: the archive's minWorkers); with "
+                                                  "--max-replicas the least of the autoscaling range")
+    ray.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas on ongoing requests")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica, fractions allowed (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    ray.add_argument("--address", help="a Ray cluster: 'auto' or HEAD:6379 (default: a local Ray for this server)")
 
 
-@command("serve", "Serve the model store with TorchServe until Ctrl-C or SIGTERM.", _serve_arguments)
+@command("serve", "Serve the model store with TorchServe (or Ray Serve) until Ctrl-C or SIGTERM.", _serve_arguments)
 def _serve(args: argparse.Namespace) -> int:
     import logging
-
-    from severstal.serve.server import serve
 
     logging.basicConfig(level=logging.INFO, format="severstal serve: %(message)s")
 
     def ready(server) -> None:
         for name in server.models:
-            print(f"POST an image to {server.predictions_url(name)}")
-        print(f"metrics: {server.metrics_url}; logs: {server.run_dir / 'logs'}")
+            print(f"POST an image to {server.predictions_url(name)} or {server.inference_url}/v2/models/{name}/infer")
+        if args.engine == "torchserve":
+            print(f"metrics: {server.metrics_url}; logs: {server.run_dir / 'logs'}")
         if server.token_auth:
             print(f"token keys: {server.key_file} (header 'Authorization: Bearer <inference key>')")
         print("Ctrl-C or SIGTERM stops the server", flush=True)
+
+    if args.engine == "ray":
+        from severstal.serve.rayserve import serve_ray
+
+        return serve_ray(args.model_store, on_ready=ready, host=args.host, port=args.port, model=args.model,
+                         replicas=args.replicas or args.workers, max_replicas=args.max_replicas,
+                         cpus=args.replica_cpus, gpus=args.replica_gpus, address=args.address, run_dir=args.run_dir,
+                         token_auth=args.token_auth)
+    from severstal.serve.server import serve
 
     return serve(args.model_store, host=args.host, port=args.port, workers=args.workers, run_dir=args.run_dir,
                  token_auth=args.token_auth, on_ready=ready)

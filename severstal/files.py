@@ -47,12 +47,12 @@ BACKEND_SUFFIXES = {"torch": (".pth", ".pkl"), "onnxruntime": (".onnx",), "openv
                     "tensorrt": (".engine", ".plan")}
 """The model files each backend can run: OpenVINO reads the same exported ONNX model as ONNX Runtime."""
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 """Valid precision names: ``severstal predict --precision``, ``$SEVERSTAL_PRECISION``."""
-BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",), "openvino": ("fp32",),
+BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "int8"),
                       "tensorrt": ("fp32", "fp16")}
-"""The precisions each backend runs: torch bf16 is CPU autocast and fp16 CUDA autocast; OpenVINO's is its
-inference precision hint; a TensorRT engine's is fixed when it is built (``severstal export --fp16``)."""
+"""The precisions each backend runs: torch bf16 is CPU autocast and fp16 CUDA autocast; an ONNX model's is fixed
+when it is exported (``severstal export --int8``), as a TensorRT engine's is when it is built (``--fp16``)."""
 PRECISION_ENV = "SEVERSTAL_PRECISION"
 """Forces a precision wherever none is passed (the TorchServe handler, ``severstal predict``): e.g. ``fp32``."""
 

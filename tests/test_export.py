@@ -57,7 +57,8 @@ def test_export_writes_a_checked_model_with_its_config_beside_and_inside(onnx_ex
     assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
     metadata = read_metadata(path)
     assert json.loads(metadata[METADATA_KEYS["thresholds"]]) == {"score_thresholds": [0.005] * 4,
-                                                                 "min_areas": [0, 0, 0, 0]}
+                                                                 "min_areas": [0, 0, 0, 0],
+                                                                 "presence_thresholds": [0.0] * 4}
     assert json.loads(metadata[METADATA_KEYS["class_names"]]) == ["class 1", "class 2", "class 3", "class 4"]
     assert metadata[METADATA_KEYS["detections_per_image"]] == "20"
     assert "SCORE_THRESH_TEST: 0.001" in metadata[METADATA_KEYS["config"]]

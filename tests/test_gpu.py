@@ -119,11 +119,10 @@ def test_handler_model_runs_on_the_gpu_torchserve_assigns(scratch_run, real_data
 
 @gpu
 def test_fp16_keeps_the_answers_of_fp32_on_the_real_sample(scratch_run, real_data):
-    from severstal.bench.predict import records_dice
     from severstal.data.images import read_image
     from severstal.model.backends import make_backend
     from severstal.model.config import load_bundle
-    from severstal.model.predict import Predictor
+    from severstal.model.predict import Predictor, records_dice
 
     bundle = load_bundle(scratch_run, device="cuda")
     fp32 = Predictor(bundle.cfg, backend=make_backend("torch", bundle.cfg, precision="fp32"))

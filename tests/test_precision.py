@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from severstal.bench.predict import PARITY_DICE, available_variants, parse_variants, records_dice
+from severstal.bench.predict import PARITY_DICE, available_variants, parse_variants
 from severstal.data.images import decode_image
 from severstal.files import PRECISION_ENV, backends_for, check_precision
 from severstal.model import backends
@@ -25,7 +25,7 @@ from severstal.model.backends import (
     openvino_missing,
 )
 from severstal.model.config import load_bundle
-from severstal.model.predict import Predictor
+from severstal.model.predict import Predictor, records_dice
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})  # AMD Zen 3 / older Xeons: bf16 only emulated
 AMX = AVX2 | {"avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}  # Sapphire Rapids

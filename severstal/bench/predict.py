@@ -13,18 +13,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from severstal.data.annotations import list_images
-from severstal.data.dice import dice
 from severstal.data.images import decode_image
-from severstal.data.rle import rle_to_mask
 from severstal.files import BACKEND_PRECISIONS, check_backend, check_precision
 from severstal.model.backends import cpu_has_bf16, describe_backend, make_backend, openvino_missing, tensorrt_missing
 from severstal.model.config import load_bundle
 from severstal.model.export import export_onnx, export_tensorrt
-from severstal.model.predict import Predictor
+from severstal.model.predict import Predictor, records_dice
+from severstal.model.quantize import quantize_export
 
 PARITY_DICE = 0.99
 """A variant keeps the answers when its class masks score at least this mean Dice against PyTorch fp32's."""
@@ -58,7 +56,7 @@ def parse_variants(specs: Sequence[str] | str | None, device: str = "cpu") -> li
 def available_variants(device: str = "cpu") -> list[tuple[str, str]]:
     """Every backend installed here at fp32, and at each reduced precision this hardware computes natively.
 
-    On a CPU: bf16 for torch where the CPU has bf16 instructions (elsewhere bf16 is emulated,
+    On a CPU: ONNX Runtime int8, and bf16 for torch where the CPU has bf16 instructions (elsewhere bf16 is emulated,
     ~8x slower; ask for it by name to measure it anyway). On a GPU: torch fp16, and TensorRT where it runs.
     """
     cpu = not str(device).startswith("cuda")
@@ -66,6 +64,8 @@ def available_variants(device: str = "cpu") -> list[tuple[str, str]]:
     backends = ["onnxruntime"] + (["openvino"] if cpu and openvino_missing() is None else [])
     backends += [] if cpu or tensorrt_missing() else ["tensorrt"]
     variants += [(b, "fp32") for b in backends]
+    if cpu:
+        variants += [("onnxruntime", "int8")]
     if cpu and cpu_has_bf16():
         variants += [("torch", "bf16")]
     elif not cpu:
@@ -91,15 +91,6 @@ def _interleaved_timings(funcs: dict[str, Callable[[list], object]], items: list
                 func(batch)
                 per_image[name].append((time.perf_counter() - begin) / len(batch))
     return per_image
-
-
-def records_dice(records: list[dict], reference: list[dict]) -> float:
-    """Mean Dice of the class masks of ``records`` against ``reference`` over every (image, class) pair."""
-
-    values = [dice(rle_to_mask(r["classes"][c], (r["height"], r["width"])),
-                   rle_to_mask(ref["classes"][c], (ref["height"], ref["width"])))
-              for r, ref in zip(records, reference) for c in ref["classes"]]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequence[str] | str | None = None,
@@ -161,12 +152,17 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
         work_dir = Path(work_dir or tempfile.mkdtemp(prefix="severstal-bench-"))
         if any(b != "torch" for b, _ in variants) and onnx is None:
             onnx = export_onnx(weights, work_dir / "onnx")
+        int8 = None
+        if any(p == "int8" for _, p in variants):
+            # Calibrated on the folder's first images; quantize_export refuses a model that fails parity on others.
+            int8, _ = quantize_export(onnx, images_dir, work_dir / "int8",
+                                      calibration_images=min(16, max(1, len(list_images(images_dir)) - 1)))
         if any(b == "tensorrt" for b, _ in variants) and engine is None:
             engine = export_tensorrt(onnx, work_dir / "tensorrt", fp16=("tensorrt", "fp16") in variants)
         model_files = {"torch": weights, "onnxruntime": onnx, "openvino": onnx, "tensorrt": engine}
         predictors = {}
         for name, precision in variants:
-            bundle = load_bundle(model_files[name], device=device)
+            bundle = load_bundle(int8 if precision == "int8" else model_files[name], device=device)
             predictors[name, precision] = Predictor(bundle.cfg, backend=make_backend(
                 name, bundle.cfg, threads=threads, precision=precision))
         e2e = _interleaved_timings({key: lambda batch, p=p: p.predict([decode_image(b) for b in batch])

@@ -1,9 +1,10 @@
-"""Benchmark ``soak``: many clients for a long time against a running TorchServe on this machine.
+"""Benchmark ``soak``: many clients for a long time against a running server (TorchServe or Ray Serve) on this machine.
 
 Clients post real images through the package's client (:func:`severstal.serve.client.post_image`, with its
 retries) in a loop bounded in time and in count, while a sampler reads the resident memory of the server's
-whole process tree (the Java frontend and its Python workers) from ``/proc`` through psutil. The server must
-run on this machine (a loopback URL): its processes are found from the port it listens on.
+whole process tree (TorchServe: the Java frontend and its Python workers; Ray Serve: the HTTP proxy and the
+replicas) from ``/proc`` through psutil. The server must run on this machine (a loopback URL): its processes
+are found from the port it listens on.
 
 It answers the questions of a long run: do errors appear (by status), how do p50/p95/p99 and throughput
 hold, and does the worker's memory keep growing (``worker_growth``: the mean of the second window, a minute
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 
 from severstal.bench import latency_stats
 from severstal.data.annotations import list_images
+from severstal.serve import RAY_PROXY_MARK, RAY_REPLICA_MARK
 from severstal.serve.client import PredictionError, post_image
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def server_processes(url: str) -> list:
-    """The processes of the TorchServe that serves ``url``: its Java frontend, then every descendant.
+    """The processes of the server of ``url``: TorchServe's Java frontend and every descendant, or Ray Serve's
+    HTTP proxy and the application's replicas.
 
     Args:
         url: a loopback URL of the server (any of its APIs).
@@ -66,9 +69,14 @@ def server_processes(url: str) -> list:
     for conn in psutil.net_connections("inet"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
             frontend = psutil.Process(conn.pid)
-            if FRONTEND_MARK not in " ".join(frontend.cmdline()):
+            cmdline = " ".join(frontend.cmdline())
+            if cmdline.startswith(RAY_PROXY_MARK):
+                replicas = [p for p in psutil.process_iter(["cmdline"])
+                            if " ".join(p.info["cmdline"] or []).startswith(RAY_REPLICA_MARK)]
+                return [frontend, *replicas]
+            if FRONTEND_MARK not in cmdline:
                 raise ValueError(f"{url}: the process listening on port {port} ({frontend.name()}, PID {frontend.pid}) "
-                                 "is not a TorchServe frontend")
+                                 "is neither a TorchServe frontend nor a Ray Serve proxy")
             return [frontend, *frontend.children(recursive=True)]
     raise ValueError(f"{url}: nothing listens on port {port} of this machine (is the server running?)")
 
@@ -86,9 +94,9 @@ def memory_sample(url: str) -> dict:
         except psutil.Error:  # a worker that ended between listing and reading
             continue
         total += rss
-        if FRONTEND_MARK in cmdline:
+        if FRONTEND_MARK in cmdline or cmdline.startswith(RAY_PROXY_MARK):
             frontend += rss
-        elif WORKER_MARK in cmdline:
+        elif WORKER_MARK in cmdline or cmdline.startswith(RAY_REPLICA_MARK):
             workers += rss
             pids.append(proc.pid)
     return {"frontend_mb": round(frontend, 1), "workers_mb": round(workers, 1), "total_mb": round(total, 1),

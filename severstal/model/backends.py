@@ -65,10 +65,12 @@ METADATA_KEYS = {
     "class_names": "severstal.class_names",
     "detections_per_image": "severstal.detections_per_image",
     "source": "severstal.source_weights",
+    "precision": "severstal.precision",
 }
-"""``metadata_props`` of an exported model: the config YAML, the thresholds JSON
-(``{"score_thresholds", "min_areas"}``), the class names JSON (Detectron2's ``thing_classes``, indexed by
-the 0-based class), the frozen detection cap and the name of the weights file."""
+"""``metadata_props`` of an exported model: the config YAML, the thresholds JSON (``{"score_thresholds",
+"min_areas", "presence_thresholds"}``), the class names JSON (Detectron2's ``thing_classes``, indexed by the
+0-based class), the frozen detection cap, the name of the weights file and, for an int8 model, its precision
+(absent: fp32)."""
 
 @dataclass
 class RawOutput:
@@ -312,10 +314,23 @@ def choose_backend(model_file: str | Path, device: str = "cpu", backend: str | N
         precision, why = ("fp16", "fp16 asked") if fp16 else ("fp32", "GPU default")
     else:
         precision, why = "fp32", f"{backend}'s default"
+    fixed = onnx_precision(model_file) if backend in ("onnxruntime", "openvino") else None
+    if fixed is not None and precision != fixed:
+        if why != "asked":
+            precision, why = fixed, "fixed at export"
+        else:
+            raise ValueError(f"{Path(model_file).name} is an {fixed} model: its precision was fixed at export "
+                             f"(export again for {precision})")
     check_precision(precision, backend)
     if precision == "bf16" and not cpu_has_bf16(flags):
         why += "; emulated: this CPU has no bf16 instructions, expect it several times slower than fp32"
     return BackendChoice(backend, precision, f"{reason}; {why}")
+
+
+def onnx_precision(model_file: str | Path) -> str:
+    """The precision an exported ``.onnx`` file was written in: ``int8`` (``severstal export --int8``) or fp32."""
+    path = Path(model_file)
+    return _onnx_metadata(path).get(METADATA_KEYS["precision"], "fp32") if path.is_file() else "fp32"
 
 
 def make_backend(name: str | None, cfg, fp16: bool = False, providers: list | None = None,
@@ -434,7 +449,7 @@ class OnnxRuntimeBackend:
         exported = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEYS["detections_per_image"])
         self.max_detections = _frozen_cap(int(exported) if exported else None, max_detections, self.path.name)
         self.providers = self.session.get_providers()
-        self.precision = "fp32"
+        self.precision = onnx_precision(self.path)
 
     def run(self, images: list[torch.Tensor], min_score: float = 0.0) -> list[RawOutput]:
         """Args: ``(3, H, W) float32`` tensors (BGR, 0..255). Returns one :class:`RawOutput` per image."""
@@ -462,7 +477,7 @@ class OpenVinoBackend:
 
     Args:
         onnx_path: the file of ``severstal.model.export.export_onnx``.
-        precision: "fp32" (the only one; checked so that a request for another fails clearly).
+        precision: "fp32", or "int8" for a model quantized at export (its QDQ nodes decide; the hint stays f32).
         threads: inference threads; None: OpenVINO's default (one per physical core).
         max_detections: keep at most this many detections per image (the highest scoring).
 

@@ -164,7 +164,7 @@ def _simplify(model):
     return simplified
 
 
-def _copy_run_files(bundle, out_dir: Path, model_name: str) -> None:
+def copy_run_files(bundle, out_dir: Path, model_name: str) -> None:
     """Write the config (thresholds applied, weights = the exported file) and copy the run's
     ``thresholds.json`` / ``split.json`` into ``out_dir``, unless it is the run's own folder."""
     if out_dir.resolve() == bundle.folder.resolve():
@@ -236,7 +236,7 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
     path = out_dir / ONNX_FILE
     with atomic_path(path) as tmp:
         onnx.save(model_proto, str(tmp))
-    _copy_run_files(bundle, out_dir, ONNX_FILE)
+    copy_run_files(bundle, out_dir, ONNX_FILE)
     log.info("exported %s (opset %d, %.1f MB)", path, opset, path.stat().st_size / 1e6)
     return path
 
@@ -302,6 +302,6 @@ def export_tensorrt(onnx_path: str | Path, out_dir: str | Path, fp16: bool = Fal
     path = out_dir / ENGINE_FILE
     with atomic_path(path) as tmp:
         tmp.write_bytes(bytes(serialized))
-    _copy_run_files(bundle, out_dir, ENGINE_FILE)
+    copy_run_files(bundle, out_dir, ENGINE_FILE)
     log.info("built %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path

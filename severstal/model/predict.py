@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from severstal import CLASS_IDS
 from severstal.data.annotations import list_images, write_submission
+from severstal.data.dice import dice
 from severstal.data.images import ImageError, read_image
-from severstal.data.rle import mask_to_rle
+from severstal.data.rle import mask_to_rle, rle_to_mask
 from severstal.model.backends import Backend, RawOutput, TorchBackend, make_backend
 from severstal.model.config import ModelBundle, load_bundle
 
@@ -271,6 +272,15 @@ def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: S
                 })
     defects.sort(key=lambda d: -d["score"])
     return {"height": det.height, "width": det.width, "defects": defects, "classes": classes}
+
+
+def records_dice(records: Sequence[dict], reference: Sequence[dict]) -> float:
+    """Mean Dice of the class masks of ``records`` against ``reference`` (the same images, in order) over every
+    (image, class) pair, 1 where both are empty: how far two predictors' answers agree."""
+    values = [dice(rle_to_mask(r["classes"][c], (r["height"], r["width"])).astype(bool),
+                   rle_to_mask(ref["classes"][c], (ref["height"], ref["width"])).astype(bool))
+              for r, ref in zip(records, reference) for c in ref["classes"]]
+    return float(np.mean(values)) if values else float("nan")
 
 
 EXIT_UNREADABLE = 3

@@ -1,4 +1,5 @@
-"""Serving with TorchServe: the worker's logic, the ``.mar`` archive, the server's life cycle and a client.
+"""Serving with TorchServe or Ray Serve: the worker's logic, the Open Inference Protocol, the ``.mar`` archive,
+the servers' life cycles and a client.
 
 The files TorchServe itself reads (the thin handler, ``model-config.yaml``, ``config.properties``) live in
 ``torchserve/`` inside this package, so they travel with a wheel; the repository's top-level ``torchserve/``
@@ -19,3 +20,10 @@ def torchserve_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall severstal (its torchserve/ package data is incomplete)")
     return path
+
+RAY_APP = "severstal"
+"""The Ray Serve application (and deployment) name of ``severstal serve --engine ray``."""
+RAY_PROXY_MARK = "ray::ProxyActor"
+"""How Ray Serve's HTTP proxy process is titled (what ``ps`` shows)."""
+RAY_REPLICA_MARK = f"ray::ServeReplica:{RAY_APP}:"
+"""How a replica process of the project's Ray Serve application is titled."""
