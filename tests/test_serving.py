@@ -452,8 +452,10 @@ def scripted_server():
             status = self.server.script.pop(0) if self.server.script else 200
             body = json.dumps({"height": 1, "width": 1, "defects": [], "classes": {}} if status == 200
                               else {"code": status, "message": self.server.message or f"scripted {status}"}).encode()
+            if status != 200 and self.server.message == "plain":  # Ray Serve's proxy for a replica that died
+                body = b"Internal Server Error"
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/json" if body.startswith(b"{") else "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -500,6 +502,35 @@ def test_post_image_retries_the_batch_of_a_worker_that_died(scripted_server):
     seen = []
     answer = post_image(url, b"jpeg", backoff=0.01, on_retry=lambda reason, attempt: seen.append(reason))
     assert answer["defects"] == [] and seen == ["500 worker died", "507 worker died"]
+
+
+def test_post_image_retries_the_plain_500_of_a_ray_replica_that_died(scripted_server):
+    from severstal.serve.client import post_image
+
+    scripted_server.script = [500]
+    scripted_server.message = "plain"
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}/predictions/severstal"
+    seen = []
+    assert post_image(url, b"jpeg", backoff=0.01, on_retry=lambda reason, attempt: seen.append(reason))["defects"] == []
+    assert seen == ["500 worker died"]
+
+
+def test_post_image_on_an_infer_url_sends_the_protocol_and_returns_the_native_answer(scripted_server):
+    """The client's Open Inference Protocol side against a scripted server (real servers: tests/test_servers.py)."""
+    from severstal.serve.client import PredictionError, model_url, url_protocol
+
+    base = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    assert model_url(base) == f"{base}/predictions/severstal"
+    assert model_url(base, "m", "oip") == f"{base}/v2/models/m/infer"
+    assert url_protocol(model_url(base, "m", "oip")) == url_protocol(f"{base}/v2/models/m/versions/2/infer") == "oip"
+    assert url_protocol(f"{base}/v2/models/m") == url_protocol(f"{base}/predictions/m") == "native"
+    with pytest.raises(ValueError, match="allowed: \\['native', 'oip'\\]"):
+        model_url(base, protocol="grpc")
+    scripted_server.script = [400]
+    with pytest.raises(PredictionError, match="answered 400: scripted 400"):
+        from severstal.serve.client import post_image
+
+        post_image(model_url(base, protocol="oip"), b"jpeg")
 
 
 @pytest.mark.parametrize("status", [400, 413, 500])

@@ -1,4 +1,5 @@
-"""Benchmark ``serve``: a running TorchServe loaded with real images, against the bare model on the same images."""
+"""Benchmark ``serve``: a running server (TorchServe or Ray Serve, either route) loaded with real images, against
+the bare model on the same images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -28,10 +30,23 @@ def _latency_row(method: str, seconds, wall: float) -> dict:
     return {"method": method, **latency_stats(seconds, wall)}
 
 
+def server_label(url: str, timeout: float = 10.0) -> str:
+    """What serves ``url``, from the Open Inference Protocol's server metadata (``GET /v2``): "TorchServe",
+    "Ray Serve", else "server"."""
+    import requests as http
+
+    parts = urlsplit(url)
+    try:
+        name = http.get(f"{parts.scheme}://{parts.netloc}/v2", timeout=timeout).json().get("name", "")
+    except (http.RequestException, ValueError, AttributeError):
+        return "server"
+    return "TorchServe" if name.lower() == "torchserve" else "Ray Serve" if "Ray Serve" in name else "server"
+
+
 def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests: int = 100,
                 weights: str | Path | None = None, headers: dict | None = None, timeout: float = 300.0,
-                rounds: int = 5) -> dict:
-    """Load a running TorchServe with real images and time the bare model on the same images.
+                rounds: int = 5, label: str | None = None) -> dict:
+    """Load a running server with real images and time the bare model on the same images.
 
     The server side posts ``requests`` images (cycling through the folder) from ``concurrency`` clients
     after one untimed warm-up request; a request counts as an error unless it answers 200 with the REST
@@ -44,7 +59,8 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
     like-for-like bare side set it in the benchmark's environment too (the result records it).
 
     Args:
-        url: the predictions URL, e.g. ``http://127.0.0.1:8080/predictions/severstal``.
+        url: the model URL, e.g. ``http://127.0.0.1:8080/predictions/severstal`` or, for the Open Inference
+            Protocol, ``http://127.0.0.1:8080/v2/models/severstal/infer`` (both servers answer both).
         images_dir: folder of JPEG/PNG images.
         concurrency: clients posting at the same time.
         requests: timed requests in all (and as many bare predictions).
@@ -52,6 +68,7 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         headers: extra request headers (``Authorization`` when token authorization is on).
         timeout: seconds per request.
         rounds: served/bare alternations.
+        label: the served row's name; None: :func:`server_label`.
 
     Returns:
         ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "errors", "error_statuses",
@@ -103,7 +120,7 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
                 predictor.predict([decode_image(bodies[index % len(bodies)])])
                 bare_seconds.append(time.perf_counter() - begin)
     statuses = Counter(status for _, status in results)
-    served = _latency_row("TorchServe", [s for s, status in results if status == "200"], served_wall)
+    served = _latency_row(label or server_label(url), [s for s, status in results if status == "200"], served_wall)
     rows, overhead, throughput_ratio = [served], None, None
     if predictor is not None:
         bare = _latency_row("bare Predictor.predict", bare_seconds, sum(bare_seconds))

@@ -9,9 +9,10 @@ binary tensor extension; the answer turned back into the native one by
 It retries what a restarting worker or a busy server answers (503, 507, a refused or reset connection, a
 timeout) with exponential backoff, up to ``retries`` times, logs each retry and raises
 :class:`PredictionError` saying how many tries it made when it gives up. TorchServe answers the requests of
-a batch whose worker died with the message "Worker died." and 500 (507 when it sees the worker was killed):
-those are retried too, whatever the status. Any other 4xx is the client's own fault and is never retried,
-nor is another 500 (the model failed on this very image and would again).
+a batch whose worker died with the message "Worker died." and 500 (507 when it sees the worker was killed),
+and Ray Serve's proxy those of a dead replica with a plain-text 500: those are retried too. Any other 4xx
+is the client's own fault and is never retried, nor is another 500 (the model failed on this very image and
+would again).
 
 With the defaults (5 retries from 0.5 s, doubled, at most 8 s apart) a request survives about 15 s without
 an answer: a killed worker restarts in 3-6 s on a CPU, so no request of :func:`post_image` is lost to it
@@ -57,7 +58,8 @@ def url_protocol(url: str) -> str:
 RETRY_STATUSES = (503, 507)
 """TorchServe's answers while a worker restarts or its queue is full: worth asking again."""
 WORKER_DIED = "Worker died."
-"""TorchServe's message (with 500, or 507 after SIGKILL) for the requests of a batch whose worker died."""
+"""TorchServe's message (with 500, or 507 after SIGKILL) for the requests of a batch whose worker died. Ray
+Serve's proxy answers those of a dead replica with a plain-text 500: both are retried."""
 
 
 def bearer_headers(key: str | None) -> dict:
@@ -120,7 +122,7 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
         else:
             if response.status_code == 200:
                 return oip.record_from_response(response.json()) if infer else response.json()
-            died = WORKER_DIED in response.text
+            died = WORKER_DIED in response.text or (response.status_code == 500 and not _json_error(response))
             if not (response.status_code in RETRY_STATUSES or died) or last:
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 if attempt:
@@ -133,6 +135,15 @@ def post_image(url: str, image: str | Path | bytes, headers: Mapping[str, str] |
             on_retry(reason, attempt)
         time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _json_error(response) -> bool:
+    """Whether an error answer is a JSON object: the servers' and the worker's own errors are; the 500 of Ray
+    Serve's proxy when a replica dies under a request is plain text ("Internal Server Error")."""
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:
+        return False
 
 
 def _message(response) -> str:

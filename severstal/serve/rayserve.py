@@ -290,6 +290,7 @@ class RayServer:
     models: list[str]
     replicas: int
     started_ray: bool = True
+    engine: str = "ray"
 
     @property
     def _client_host(self) -> str:
@@ -312,7 +313,7 @@ class RayServer:
             return {}
         return bearer_headers(json.loads(self.key_file.read_text())[api]["key"])
 
-    def replica_pids(self) -> list[int]:
+    def worker_pids(self) -> list[int]:
         """PIDs of this machine's live replica processes (:data:`severstal.serve.RAY_REPLICA_MARK`)."""
         return sorted(p.pid for p in ray_processes(RAY_REPLICA_MARK))
 

@@ -70,6 +70,7 @@ class Server:
     port: int
     token_auth: bool
     models: list[str] = field(default_factory=list)
+    engine: str = "torchserve"
 
     @property
     def _client_host(self) -> str:
@@ -130,6 +131,10 @@ class Server:
             with contextlib.suppress(psutil.Error):
                 found.update((child.pid, child) for child in root.children(recursive=True))
         return list(found.values())
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the Python workers (each holds a copy of the model)."""
+        return sorted(p.pid for p in self.processes() if "model_service_worker" in " ".join(p.cmdline()))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the wrapper, the Java frontend and its workers (as Ctrl-C would), SIGKILL after ``timeout``."""
