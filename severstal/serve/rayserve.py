@@ -54,7 +54,7 @@ try:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 except ImportError as err:  # pragma: no cover - the message is the point
-    raise ImportError(f"serving on Ray needs Ray Serve: pip install 'ray[serve]==2.60.0' ({err})") from err
+    raise ImportError(f"serving on Ray needs Ray Serve: pip install 'severstal[ray]' ({err})") from err
 
 from severstal.serve import PROPERTIES_FILE, RAY_APP, RAY_REPLICA_MARK, oip, torchserve_file
 from severstal.serve.client import bearer_headers
