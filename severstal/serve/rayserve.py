@@ -366,6 +366,28 @@ def build_app(model: StoredModel, *, replicas: int | None = None, max_replicas: 
     return deployment.bind(model, token, gpus > 0, _max_request_size())
 
 
+TOKEN_ENV = "SEVERSTAL_SERVE_TOKEN"
+"""Environment variable of the bearer key for :func:`app` (on Kubernetes: from a Secret)."""
+
+
+def app(args: Mapping):
+    """Ray Serve's application builder for a config file (``serve run`` / ``serve deploy``, KubeRay's
+    ``serveConfigV2``): ``import_path: severstal.serve.rayserve:app`` with ``args``.
+
+    Args:
+        args: ``model_store`` (a folder of ``.mar`` archives where the builder runs: the head node), and
+            optionally ``model``, ``replicas``, ``max_replicas``, ``cpus``, ``gpus`` as for :func:`build_app`.
+            The bearer key comes from ``$SEVERSTAL_SERVE_TOKEN`` (:data:`TOKEN_ENV`); without it requests need none.
+    """
+    allowed = {"model_store", "model", "replicas", "max_replicas", "cpus", "gpus"}
+    unknown = sorted(set(args) - allowed)
+    if unknown or "model_store" not in args:
+        raise ValueError(f"severstal Ray Serve args: unknown {unknown}; allowed {sorted(allowed)} (model_store needed)")
+    options = {k: args[k] for k in ("replicas", "max_replicas", "cpus", "gpus") if k in args}
+    return build_app(read_store(args["model_store"], args.get("model")), token=os.environ.get(TOKEN_ENV) or None,
+                     **options)
+
+
 @contextlib.contextmanager
 def running_ray_server(model_store: str | Path, host: str = "127.0.0.1", port: int = 8080, *,
                        model: str | None = None, replicas: int | None = None, max_replicas: int | None = None,

@@ -1,0 +1,76 @@
+"""The Ray Serve engine's pieces without Ray running: the model store, the application's settings, the CLI.
+A real Ray Serve answers the battery of tests/test_servers.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from severstal.serve import archive as serve_archive
+
+
+@pytest.fixture(scope="module")
+def store(scratch_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray_store")
+    serve_archive.archive(scratch_run, folder, name="severstal", version="2.5")
+    return folder
+
+
+def test_an_archive_is_read_as_torchserve_reads_it(store):
+    from severstal.serve.rayserve import read_store
+
+    model = read_store(store)
+    assert (model.name, model.version, model.serialized_file) == ("severstal", "2.5", "model_final.pth")
+    assert {"model_final.pth", "config.yaml", "model-config.yaml"} <= set(model.files)
+    assert "handler.py" not in model.files  # the replica uses the package, not the archived handler
+    assert (model.batch_size, model.batch_wait_s, model.workers) == (4, 0.005, 1)  # the shipped model-config.yaml
+
+
+def test_the_store_must_hold_the_model_asked_for(store, tmp_path):
+    from severstal.serve.rayserve import read_store
+
+    with pytest.raises(FileNotFoundError, match="no .mar archives"):
+        read_store(tmp_path)
+    shutil.copy(store / "severstal.mar", tmp_path / "other.mar")
+    (tmp_path / "broken.mar").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .mar archive"):
+        read_store(tmp_path)
+    (tmp_path / "broken.mar").unlink()
+    assert read_store(tmp_path, "severstal").name == "severstal"
+    with pytest.raises(ValueError, match="holds \\['severstal'\\]: name one with --model"):
+        read_store(tmp_path, "nope")
+
+
+@pytest.mark.parametrize("kwargs, words", [({"replicas": 0}, "replicas must be >= 1"),
+                                           ({"replicas": 3, "max_replicas": 2}, "max_replicas >= replicas"),
+                                           ({"cpus": 0}, "cpus per replica must be > 0")])
+def test_replica_settings_are_validated(store, kwargs, words):
+    from severstal.serve.rayserve import build_app, read_store
+
+    with pytest.raises(ValueError, match=words):
+        build_app(read_store(store), **kwargs)
+
+
+def test_fixed_replicas_batching_and_resources_reach_the_deployment(store):
+    from severstal.serve.rayserve import build_app, read_store
+    from severstal.serve.server import WORKER_ENV
+
+    deployment = build_app(read_store(store), replicas=2, cpus=0.5, gpus=0.25)._bound_deployment
+    config = deployment._deployment_config
+    assert config.num_replicas == 2 and config.autoscaling_config is None
+    options = deployment.ray_actor_options
+    assert (options["num_cpus"], options["num_gpus"]) == (0.5, 0.25)
+    assert options["runtime_env"]["env_vars"] == WORKER_ENV
+    assert deployment.init_args[1:] == (None, True, 20 * 2**20)  # no token, a GPU, TorchServe's max_request_size
+
+
+def test_the_cli_serves_with_ray_on_the_same_options():
+    from severstal.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model-store", "store", "--engine", "ray", "--replicas", "2",
+                                      "--max-replicas", "4", "--replica-cpus", "1.5", "--address", "auto"])
+    assert (args.engine, args.replicas, args.max_replicas, args.replica_cpus) == ("ray", 2, 4, 1.5)
+    assert args.address == "auto"
+    assert args.host == "127.0.0.1" and args.token_auth is None  # loopback and no key unless told otherwise
+    assert build_parser().parse_args(["serve", "--model-store", "s"]).engine == "torchserve"
