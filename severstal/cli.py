@@ -143,11 +143,16 @@ def _cv_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True,
                         help="labelled folder: Kaggle's layout, or the real sample's (partial masks, per-image labels)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the folds' runs and cv.json (resumes)")
-    parser.add_argument("--config", help="config name or YAML (default: the fewlabels recipe; small with overrides)")
+    parser.add_argument("--config", default="fewlabels", help="config name or YAML (default: fewlabels, the recipe "
+                        "for few labels on a CPU; KEY VALUE overrides apply to it)")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-stratified folds")
     parser.add_argument("--pretrained", dest="scratch", action="store_false",
                         help="start from the config's MODEL.WEIGHTS (a download) instead of random weights")
+    parser.add_argument("--pretrain-synthetic", type=int, default=0, metavar="N",
+                        help="first train on N synthetic strips with real defect shapes, once, and start every fold "
+                        "from it (0: off)")
+    parser.add_argument("--pretrain-iterations", type=int, default=500, metavar="N")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the mean and spread")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
 
@@ -169,7 +174,9 @@ def _cv(args: argparse.Namespace) -> None:
 
     print(_CV_ROW.format("fold", "Dice", "all-empty", "gain", "defect pairs", "c1", "c2", "c3", "c4", "s"))
     report = cross_validate(args.data, args.out, args.config, args.opts, folds=args.folds, seed=args.seed,
-                            scratch=args.scratch, on_fold=lambda k, r: print(_cv_row(str(k), r), flush=True))
+                            scratch=args.scratch, pretrain_images=args.pretrain_synthetic,
+                            pretrain_iterations=args.pretrain_iterations,
+                            on_fold=lambda k, r: print(_cv_row(str(k), r), flush=True))
     mean, spread = report["mean"], report["spread"]
     print(_cv_row("mean", mean))
     print(_CV_ROW.format("+-", *(f"{spread[k]:.4f}" for k in ("dice", "all_empty", "gain", "dice_defect_pairs")),

@@ -74,3 +74,42 @@ def test_the_cli_serves_with_ray_on_the_same_options():
     assert args.address == "auto"
     assert args.host == "127.0.0.1" and args.token_auth is None  # loopback and no key unless told otherwise
     assert build_parser().parse_args(["serve", "--model-store", "s"]).engine == "torchserve"
+
+
+@pytest.mark.slow
+def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real_data, tmp_path):
+    """Two nodes of one CPU each on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests do), one
+    replica of one CPU on each: requests spread over both nodes and every image gets the same answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    import requests
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from severstal.serve.rayserve import REPLICA_HEADER, running_ray_server
+
+    bodies = [p.read_bytes() for p in sorted((real_data / "train_images").glob("*.jpg"))[:3]]
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        with running_ray_server(store, port=0, replicas=2, cpus=1, address=cluster.address, run_dir=tmp_path,
+                                startup_timeout=300) as server:
+            assert len(server.worker_pids()) == 2
+
+            def post(index: int):
+                response = requests.post(server.predictions_url(), data=bodies[index % 3], timeout=120)
+                assert response.status_code == 200, response.text
+                return index % 3, response.headers[REPLICA_HEADER], response.json()
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(post, range(24)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    nodes = {replica.split("/")[0] for _, replica, _ in answers}
+    assert len(nodes) == 2, "both nodes should have answered"
+    for image in range(3):
+        same_image = [answer for index, _, answer in answers if index == image]
+        assert all(answer == same_image[0] for answer in same_image), f"image {image}: replicas disagree"

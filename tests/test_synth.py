@@ -116,3 +116,28 @@ def test_cli_synth(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 images" in printed and "class 3" in printed
     assert len(list((tmp_path / "train_images").glob("*.jpg"))) == 4
+
+
+def test_real_shapes_draw_real_masks_and_leave_excluded_images_out(real_data, tmp_path):
+    from severstal.data.annotations import read_train_csv
+    from severstal.data.synth import RealShapes
+
+    masks = read_train_csv(real_data / "train_partial_newformat.csv")
+    excluded = sorted(set(masks["ImageId"]))[:50]
+    shapes = RealShapes(masks, exclude=excluded)
+    assert sum(len(r) for r in shapes.rles.values()) == int((~masks["ImageId"].isin(excluded)).sum())
+    left_out = set(masks.loc[masks["ImageId"].isin(excluded), "EncodedPixels"])
+    assert not left_out & {r for rles in shapes.rles.values() for r in rles}
+    rng = np.random.default_rng(0)
+    for class_id in CLASS_IDS:  # a sample is one of the class's real masks, or its mirror image
+        mask = shapes.sample(class_id, rng).astype(bool)
+        candidates = [rle_to_mask(r).astype(bool) for r in shapes.rles[class_id]]
+        assert any((mask == m).all() or (mask == m[:, ::-1]).all() for m in candidates), class_id
+    summary = make_synthetic_dataset(tmp_path, 12, seed=5, shapes=shapes)
+    written = read_train_csv(tmp_path / "train.csv")
+    assert len(written) == sum(summary["masks_per_class"].values())
+    for image_id, group in written.groupby("ImageId"):  # classes never share a pixel
+        union = sum(rle_to_mask(r).astype(int) for r in group["EncodedPixels"])
+        assert union.max() == 1, image_id
+    with pytest.raises(ValueError, match="no real mask of class"):
+        RealShapes(masks[masks["ClassId"] != 2])

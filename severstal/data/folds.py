@@ -96,6 +96,19 @@ class LabelledImages:
         return bits
 
 
+def masks_csv(root: str | Path) -> Path:
+    """The masks table of a labelled folder: ``train.csv``, else the real sample's partial table.
+
+    Raises:
+        FileNotFoundError: neither is there, naming the folder.
+    """
+    root = Path(root)
+    csv = next((root / name for name in (TRAIN_CSV, REAL_MASKS_CSV) if (root / name).is_file()), None)
+    if csv is None:
+        raise FileNotFoundError(f"{root}: no {TRAIN_CSV} (Kaggle's layout) or {REAL_MASKS_CSV} (the real sample)")
+    return csv
+
+
 def read_labelled_images(root: str | Path) -> LabelledImages:
     """Read a labelled folder (Kaggle's layout or the real sample's, see the module) and keep its complete images.
 
@@ -103,9 +116,7 @@ def read_labelled_images(root: str | Path) -> LabelledImages:
         FileNotFoundError: no ``train.csv`` nor ``train_partial_newformat.csv``, or no image, naming the folder.
     """
     root = Path(root)
-    csv = next((root / name for name in (TRAIN_CSV, REAL_MASKS_CSV) if (root / name).is_file()), None)
-    if csv is None:
-        raise FileNotFoundError(f"{root}: no {TRAIN_CSV} (Kaggle's layout) or {REAL_MASKS_CSV} (the real sample)")
+    csv = masks_csv(root)
     files = image_files(root)
     if not files:
         raise FileNotFoundError(f"{root}: no JPEG/PNG image in {' or '.join(IMAGE_FOLDERS)}")

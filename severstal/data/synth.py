@@ -63,7 +63,33 @@ _STRIP_MARGIN = 12
 """Pixels kept free between a defect and the strip's edge."""
 
 
-def make_synthetic_dataset(out_dir: str | os.PathLike, n_images: int, seed: int = 0) -> dict:
+class RealShapes:
+    """Real defect masks to draw synthetic defects with: their outlines and places on the strip are real.
+
+    Args:
+        masks: a masks table (``ImageId, ClassId, EncodedPixels``, e.g. the real sample's 4,908 partial masks).
+        exclude: ImageIds whose masks are not used (e.g. every image a model is later scored on, so that no
+            held-out shape leaks into pretraining).
+    """
+
+    def __init__(self, masks, exclude: Sequence[str] = ()):
+        kept = masks[~masks["ImageId"].isin(set(exclude))]
+        self.rles = {c: list(kept.loc[kept["ClassId"] == c, "EncodedPixels"]) for c in CLASS_IDS}
+        empty = [c for c, rles in self.rles.items() if not rles]
+        if empty:
+            raise ValueError(f"no real mask of class(es) {empty} to draw synthetic defects with")
+
+    def sample(self, class_id: int, rng: np.random.Generator) -> np.ndarray:
+        """A random real mask of ``class_id``: ``(256, 1600)`` uint8 0/1, flipped left-right half the time."""
+        from severstal.data.rle import rle_to_mask
+
+        rles = self.rles[class_id]
+        mask = rle_to_mask(rles[int(rng.integers(len(rles)))]).astype(np.uint8)
+        return np.ascontiguousarray(mask[:, ::-1]) if rng.random() < 0.5 else mask
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, n_images: int, seed: int = 0,
+                           shapes: RealShapes | None = None) -> dict:
     """Write a synthetic dataset in Kaggle's layout (``train.csv`` + ``train_images/``).
 
     Call it twice with different seeds for a training set and a held-out set: their image ids never
@@ -74,6 +100,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_images: int, seed: int 
             dataset, since the later CSV format lists defect-free images only through the folder.
         n_images: number of images, 1 to ``MAX_IMAGES``.
         seed: 0 to ``MAX_SEED``; the same seed gives byte-identical files.
+        shapes: draw each defect's mask from these real masks (its outline and place) instead of the class's
+            drawing; the grey-level change stays synthetic.
 
     Returns:
         Summary dict: ``out_dir``, ``csv``, ``images_dir``, ``seed``, ``images``, ``defect_free``,
@@ -93,7 +121,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_images: int, seed: int 
     for image_id, class_ids, stream in zip(
         tqdm(image_ids, desc="synth", unit="img"), plan, root.spawn(n_images)
     ):
-        grey, masks = _render(class_ids, np.random.default_rng(stream))
+        grey, masks = _render(class_ids, np.random.default_rng(stream), shapes)
         bgr = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)  # 3 channels of grey, like the real images
         ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
@@ -178,8 +206,10 @@ def _image_id(seed: int, index: int) -> str:
 # Rendering -----------------------------------------------------------------------------------------
 
 
-def _render(class_ids: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Draw a steel background and the defects of ``class_ids``, each class in its own window.
+def _render(class_ids: tuple[int, ...], rng: np.random.Generator,
+            shapes: RealShapes | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Draw a steel background and the defects of ``class_ids``, each class in its own window (with ``shapes``:
+    real masks where they are, on the steel, a later class losing the pixels of an earlier one).
 
     Returns:
         ``(grey, masks)``: grey ``(256, 1600)`` uint8 and ``{class_id: (256, 1600) uint8 0/1}``.
@@ -189,10 +219,18 @@ def _render(class_ids: tuple[int, ...], rng: np.random.Generator) -> tuple[np.nd
     roughness = np.clip(1.0 + 0.3 * _smooth_noise(rng, (24, 150)), 0.6, 1.4)
     masks = {}
     windows = _class_windows(strip_lo, strip_hi, len(class_ids), rng)
+    taken = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), bool)
     for class_id, (x0, x1) in zip(class_ids, windows):
         style = _STYLES[class_id]
         mask = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), np.uint8)
-        mask[:, x0:x1] = style.draw(rng, x1 - x0)
+        if shapes is None:
+            mask[:, x0:x1] = style.draw(rng, x1 - x0)
+        else:
+            mask[:, strip_lo:strip_hi] = shapes.sample(class_id, rng)[:, strip_lo:strip_hi]
+            mask[taken] = 0
+            taken |= mask.astype(bool)
+            if not mask.any():  # the real shape lay off the strip: draw the class's own instead
+                mask[:, x0:x1] = style.draw(rng, x1 - x0) * ~taken[:, x0:x1]
         sign = 1.0 if rng.random() < style.bright_probability else -1.0
         image += (sign * rng.uniform(*style.contrast)) * roughness * mask
         masks[class_id] = mask

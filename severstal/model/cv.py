@@ -33,7 +33,7 @@ from severstal.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "fewlabels"
-"""The config ``severstal cv`` trains when given neither ``--config`` nor overrides."""
+"""The config ``severstal cv`` trains (with the overrides given) when no ``--config`` is named."""
 CV_FILE = "cv.json"
 PLAN_FILE = "plan.json"
 FOLD_FILE = "fold.json"
@@ -107,18 +107,51 @@ def summarise(folds: list[dict]) -> tuple[dict, dict]:
     return mean, spread
 
 
+def pretrain_on_synthetic(data: str | Path, out: Path, config: str, opts: Sequence[str], images: int, iterations: int,
+                          scratch: bool, seed: int = 0) -> Path:
+    """Train ``config`` on synthetic strips whose defects have real shapes, once, as the folds' starting weights.
+
+    The shapes are the real masks of the folder's table (the real sample's ``train_partial_newformat.csv``) of
+    images that are not in the folder, so no shape of a scored image leaks into pretraining; where there are none
+    (a complete Kaggle download), the generator's own drawings are used. Reused when ``out`` already holds it.
+    """
+    from severstal.data.annotations import read_annotations
+    from severstal.data.folds import image_files, masks_csv
+    from severstal.data.synth import RealShapes, make_synthetic_dataset
+    from severstal.files import WEIGHTS_FILE
+    from severstal.model.train import train
+
+    weights = out / "run" / WEIGHTS_FILE
+    if weights.is_file():
+        log.info("pretraining: done earlier (%s)", weights)
+        return weights
+    masks = read_annotations(masks_csv(data)).frame
+    try:
+        shapes = RealShapes(masks, exclude=list(image_files(data)))
+    except ValueError as err:
+        log.info("pretraining with the generator's own shapes (%s)", err)
+        shapes = None
+    make_synthetic_dataset(out / "data", images, seed=seed, shapes=shapes)
+    log.info("pretraining on %d synthetic images (%s shapes) for %d iterations", images,
+             "real" if shapes else "drawn", iterations)
+    return train(out / "data", config, out / "run", [*opts, "SOLVER.MAX_ITER", str(iterations)], scratch=scratch,
+                 evaluate_after=False)
+
+
 def cross_validate(data: str | Path, out: str | Path, config: str | Path | None = None, opts: Sequence[str] = (),
-                   folds: int = 5, seed: int = 0, scratch: bool = True,
-                   on_fold: Callable[[int, dict], None] | None = None) -> dict:
+                   folds: int = 5, seed: int = 0, scratch: bool = True, pretrain_images: int = 0,
+                   pretrain_iterations: int = 500, on_fold: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) a k-fold cross-validation; see the module docstring.
 
     Args:
         data: a labelled folder: Kaggle's layout or the real sample's (``severstal.data.folds``).
         out: folder for the folds' runs and ``cv.json``.
-        config: a named config or YAML; default, with no ``opts`` either: :data:`DEFAULT_RECIPE`.
-        opts: Detectron2-style ``KEY VALUE`` overrides, as ``severstal train``.
+        config: a named config or YAML; default :data:`DEFAULT_RECIPE`.
+        opts: Detectron2-style ``KEY VALUE`` overrides of it, as ``severstal train`` (a lever off, for an ablation).
         folds, seed: the number of folds and the seed of the stratified split.
         scratch: train from random weights (no download); False starts from the config's ``MODEL.WEIGHTS``.
+        pretrain_images, pretrain_iterations: first train on this many synthetic strips with real defect shapes
+            (:func:`pretrain_on_synthetic`, once for all folds) and start every fold from it; 0 images: off.
         on_fold: called with ``(k, fold result)`` after each fold (finished now or earlier).
 
     Returns:
@@ -129,13 +162,21 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
 
     out = Path(out)
     images = read_labelled_images(data)
-    config = str(config) if config is not None else (DEFAULT_RECIPE if not opts else "small")
+    config = str(config) if config is not None else DEFAULT_RECIPE
     fold_ids = stratified_folds(images.class_sets(), folds, seed)
     plan = {"data": str(Path(data).resolve()), "config": config, "opts": [str(o) for o in opts], "folds": fold_ids,
-            "seed": seed, "scratch": scratch, "images": len(images.files), "left_out_incomplete": images.incomplete}
+            "seed": seed, "scratch": scratch, "pretrain": [pretrain_images, pretrain_iterations],
+            "images": len(images.files), "left_out_incomplete": images.incomplete}
     _check_plan(out / PLAN_FILE, plan)
     log.info("%d images with complete truth in %d folds; %d left out (incomplete truth)", len(images.files), folds,
              len(images.incomplete))
+    fold_opts, fold_scratch = list(opts), scratch
+    if pretrain_images:
+        started = time.perf_counter()
+        weights = pretrain_on_synthetic(data, out / "pretrain", config, opts, pretrain_images, pretrain_iterations,
+                                        scratch, seed)
+        plan["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+        fold_opts, fold_scratch = [*opts, "MODEL.WEIGHTS", str(weights)], False
     results = []
     for k, held_out in enumerate(fold_ids):
         fold_dir = out / f"fold{k}"
@@ -148,7 +189,7 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
             train_ids = [i for j, ids in enumerate(fold_ids) if j != k for i in ids]
             training_data = write_training_folder(fold_dir / "data", images, train_ids)
             log.info("fold %d/%d: training on %d images, %d held out", k + 1, folds, len(train_ids), len(held_out))
-            train(training_data, config, fold_dir / "run", opts=list(opts), scratch=scratch, evaluate_after=False)
+            train(training_data, config, fold_dir / "run", opts=fold_opts, scratch=fold_scratch, evaluate_after=False)
             tuned = evaluate(fold_dir / "run", tune=True)
             result = score_fold(fold_dir / "run", images, held_out)
             result.update(fold=k, seconds=round(time.perf_counter() - started, 1),
@@ -167,7 +208,7 @@ def _check_plan(path: Path, plan: dict) -> None:
     """Write the plan of a new CV, or check that a resumed one has the same (else its folds would mix)."""
     if path.is_file():
         old = json.loads(path.read_text())
-        differs = [k for k in ("config", "opts", "folds", "seed", "scratch") if old.get(k) != plan[k]]
+        differs = [k for k in ("config", "opts", "folds", "seed", "scratch", "pretrain") if old.get(k) != plan[k]]
         if differs:
             raise ValueError(f"{path.parent} holds a cross-validation with other {', '.join(differs)}: "
                              "choose another --out to run this one")

@@ -75,6 +75,8 @@ APP_NAME = RAY_APP
 MANIFEST = "MAR-INF/MANIFEST.json"
 MODEL_CONFIG = "model-config.yaml"
 _NOT_MODEL_FILES = {"handler.py", MANIFEST}
+REPLICA_HEADER = "X-Severstal-Replica"
+"""Response header: the Ray node and replica that answered (``NODE_ID/REPLICA_ID``)."""
 
 
 
@@ -187,6 +189,7 @@ class SeverstalReplica:
         self.serving = ServingModel.load(self._folder.name, model.serialized_file, 0 if gpu else None, block)
         if self.serving.settings.threads is None:
             torch.set_num_threads(physical_cores())  # Ray sets OMP_NUM_THREADS to the whole CPUs asked (>= 1)
+        self.replica = f"{ray.get_runtime_context().get_node_id()}/{serve.get_replica_context().replica_id.unique_id}"
         self.predict_batch.set_max_batch_size(model.batch_size)
         self.predict_batch.set_batch_wait_timeout_s(model.batch_wait_s)
         log.info("replica ready: %s %s, batches of up to %d within %.0f ms, %d threads", model.name, model.version,
@@ -266,7 +269,7 @@ class SeverstalReplica:
         if not isinstance(result, BadRequest):
             result, batch = await self.predict_batch(result)
         status, body = answer(upload, result, self.model.name, self.model.version)
-        return _json(body, status, {BATCH_HEADER: str(batch)})
+        return _json(body, status, {BATCH_HEADER: str(batch), REPLICA_HEADER: self.replica})
 
 
 # The server's life cycle ---------------------------------------------------------------------------------
