@@ -79,7 +79,7 @@ def test_the_cli_serves_with_ray_on_the_same_options():
 @pytest.mark.slow
 def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real_data, tmp_path):
     """Two nodes of one CPU each on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests do), one
-    replica of one CPU on each: requests spread over both nodes and every image gets the same answer."""
+    replica of one CPU on each: 8 clients keep both busy and every image gets the same answer from either."""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
@@ -102,8 +102,8 @@ def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real
                 assert response.status_code == 200, response.text
                 return index % 3, response.headers[REPLICA_HEADER], response.json()
 
-            with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(post, range(24)))
+            with ThreadPoolExecutor(8) as pool:  # more than one replica holds (a batch): both nodes work
+                answers = list(pool.map(post, range(32)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -113,3 +113,64 @@ def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real
     for image in range(3):
         same_image = [answer for index, _, answer in answers if index == image]
         assert all(answer == same_image[0] for answer in same_image), f"image {image}: replicas disagree"
+
+
+def call(replica, method: str, path: str, headers: dict | None = None, body: bytes = b""):
+    """Run the replica's ``__call__`` on a Starlette request built by hand; (status, JSON body)."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    response = asyncio.run(replica(Request(scope, receive)))
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.fixture
+def replica(store):
+    """A replica without Ray and without a model: the routes that need no prediction."""
+    from severstal.serve.rayserve import SeverstalReplica, read_store
+
+    instance = SeverstalReplica.__new__(SeverstalReplica)  # no __init__: no model loaded
+    instance.model, instance.token, instance.max_request_size, instance.replica = read_store(store), "k", 100, "n/r"
+    return instance
+
+
+def test_every_route_needs_the_bearer_key_when_there_is_one(replica):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
+        status, body = call(replica, "GET", "/ping", headers)
+        assert status == 401 and "key_file.json" in body["message"], headers
+    assert call(replica, "GET", "/ping", {"Authorization": "Bearer k"}) == (200, {"status": "Healthy"})
+    replica.token = None
+    assert call(replica, "GET", "/v2/health/live") == (200, {"live": True})
+
+
+def test_the_open_inference_protocols_routes_and_the_native_404s(replica):
+    from severstal.serve import oip
+
+    replica.token = None
+    assert call(replica, "GET", "/v2/models/severstal") == (200, oip.model_metadata("severstal", ["2.5"]))
+    assert call(replica, "GET", "/v2/models/severstal/versions/2.5/ready") == (200, {"name": "severstal",
+                                                                                     "ready": True})
+    assert call(replica, "GET", "/v2/models/severstal/versions/9/ready")[0] == 404
+    status, body = call(replica, "GET", "/v2/models/other")
+    assert status == 404 and "this server has 'severstal'" in body["error"]
+    status, body = call(replica, "POST", "/predictions/other", body=b"x")
+    assert status == 404 and body["message"] == "Model not found: other"
+    status, body = call(replica, "GET", "/predictions/severstal")
+    assert status == 404 and "POST /predictions/severstal" in body["message"]
+
+
+def test_a_body_over_the_limit_answers_413_in_each_protocol(replica):
+    replica.token = None
+    status, body = call(replica, "POST", "/predictions/severstal", {"Content-Length": "101"}, b"x" * 101)
+    assert status == 413 and "over the limit of 100" in body["message"]
+    status, body = call(replica, "POST", "/v2/models/severstal/infer", {"Content-Length": "101"}, b"x" * 101)
+    assert status == 413 and set(body) == {"error"}

@@ -356,8 +356,10 @@ def build_app(model: StoredModel, *, replicas: int | None = None, max_replicas: 
     options: dict = {
         "name": APP_NAME,
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": dict(WORKER_ENV)}},
-        # A replica takes a full batch and the next one queued, as a TorchServe worker's queue does.
-        "max_ongoing_requests": max(2 * model.batch_size, 2),
+        # A replica holds one full batch; further requests wait in Ray Serve's router for the first replica with
+        # room. The router prefers replicas on the proxy's node while they have room, so a larger value would keep
+        # a second node idle until the first node's replica had that many requests queued.
+        "max_ongoing_requests": model.batch_size,
         "health_check_period_s": 2.0,
     }
     if max_replicas is None:
