@@ -1,8 +1,8 @@
 """The end-to-end demo behind ``make demo``: runs offline on synthetic data in minutes on a CPU.
 
-synth -> convert to COCO -> train the ``small`` config -> evaluate with tuning -> predict held-out
-images -> archive -> serve with TorchServe and post held-out images -> report. Every stage calls the
-same function as its CLI command.
+synth -> convert to COCO -> train the ``small`` config -> evaluate with tuning -> export to ONNX and, where
+its answers hold, int8 -> predict held-out images with that model -> archive it -> serve with TorchServe and
+post held-out images -> report. Every stage calls the same function as its CLI command.
 """
 
 from __future__ import annotations
@@ -75,13 +75,14 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
                  val_fraction=0.2, seed=s.seed)
     bf16 = s.bf16_training if s.bf16_training is not None else cpu_has_bf16() and not torch.cuda.is_available()
     opts = ["SOLVER.MAX_ITER", str(s.max_iter), "SEED", str(s.seed), "SOLVER.AMP.ENABLED", str(bf16), *s.opts]
-    weights = stage("train", train, data, s.config, run, opts)
+    weights = stage("train", train, data, s.config, run, opts, evaluate_after=False)  # evaluate is the next stage
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
-    submission = stage("predict", predict_folder, weights, holdout / TRAIN_IMAGES, out / "submission.csv",
+    served_model, int8 = stage("export", export_fastest, weights, out / "export", data / TRAIN_IMAGES)
+    submission = stage("predict", predict_folder, served_model, holdout / TRAIN_IMAGES, out / "submission.csv",
                        overlays=out / "overlays")
     submission["holdout_dice"], submission["holdout_empty_baseline"] = holdout_dice(out / "submission.csv",
                                                                                    holdout / TRAIN_CSV)
-    mar = stage("archive", archive, weights, out / "model_store")
+    mar = stage("archive", archive, served_model, out / "model_store")
     served = stage("serve", serve_and_post, mar.parent, sorted((holdout / TRAIN_IMAGES).iterdir())[:s.served_images],
                    out / "serve")
     report = {
@@ -92,10 +93,27 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "seconds": timings,
         "training_precision": "bf16 backbone" if bf16 else "fp32",
         "weights": str(weights),
+        "served_model": str(served_model),
+        "int8": int8,
         "plots": sorted(str(p) for p in (run / "eval").glob("*.png")),
     }
     write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, default=str))
     return report
+
+
+def export_fastest(weights: Path, out: Path, calibration_images: Path) -> tuple[Path, dict]:
+    """Export to ONNX and quantize to int8 (calibrated on training images); the int8 model where its class masks
+    match fp32's (``severstal.model.quantize``), else the fp32 export. Returns the model file and what int8 gave."""
+    from severstal.model.export import export_onnx
+    from severstal.model.quantize import ParityError, quantize_export
+
+    fp32 = export_onnx(weights, out / "fp32")
+    try:
+        int8, report = quantize_export(fp32, calibration_images, out / "int8")
+    except ParityError as err:
+        log.warning("demo: %s", err)
+        return fp32, {"kept": False, "why": str(err)}
+    return int8, {"kept": True, **report}
 
 
 def holdout_dice(submission: Path, truth_csv: Path) -> tuple[float, float]:

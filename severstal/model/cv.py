@@ -161,6 +161,7 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
     from severstal.model.train import train
 
     out = Path(out)
+    opts = [*opts, *bf16_training_opts(opts)]
     images = read_labelled_images(data)
     config = str(config) if config is not None else DEFAULT_RECIPE
     fold_ids = stratified_folds(images.class_sets(), folds, seed)
@@ -202,6 +203,18 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
     report = {"plan": plan, "folds": results, "mean": mean, "spread": spread}
     write_text_atomic(out / CV_FILE, json.dumps(report, indent=1))
     return report
+
+
+def bf16_training_opts(opts: Sequence[str]) -> list[str]:
+    """``SOLVER.AMP.ENABLED True`` (the backbone in bfloat16) on a CPU with bf16 instructions and no GPU, unless the
+    overrides set it: as ``severstal demo`` trains (``severstal.demo.DemoSettings``)."""
+    import torch
+
+    from severstal.model.backends import cpu_has_bf16
+
+    if "SOLVER.AMP.ENABLED" in opts[::2] or torch.cuda.is_available() or not cpu_has_bf16():
+        return []
+    return ["SOLVER.AMP.ENABLED", "True"]
 
 
 def _check_plan(path: Path, plan: dict) -> None:
