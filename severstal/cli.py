@@ -286,7 +286,10 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"{'mean Dice (held out)':<22}{held['holdout_dice']:>8.4f}{held['holdout_empty_baseline']:>11.4f}")
     answer = r["serve"]["first_answer"]
     summary = [(d["class_id"], d["score"], d["area"]) for d in answer["defects"]]
-    print(f"\nTorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
+    int8 = r["int8"]
+    kept = f"int8 kept, class-mask Dice {int8['parity_dice']:.4f} vs fp32" if int8["kept"] else "int8 refused"
+    print(f"\nserved and predicted with {r['served_model']} ({kept})")
+    print(f"TorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
     print(f"latencies (s): {r['serve']['latencies_s']}")
     total = sum(r["seconds"].values())
     print(f"stage seconds: {r['seconds']} (total {total:.0f} s; training in {r['training_precision']})")
