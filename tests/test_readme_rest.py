@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,8 +58,7 @@ def run_block(block: str, cwd: Path, env: dict, base: int, timeout: float = 600)
     Each curl line writes its body and status to files of its own (``-o``, ``-w`` added): a server started
     in the background by the block (``torchserve --start``) logs to the same terminal.
     """
-    out = cwd / f"curl-{base}"
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix=f"curl-{base}-", dir=cwd))
     lines, count = [], 0
     for line in with_ports(block, base).splitlines():
         if line.startswith("curl "):
@@ -76,7 +76,10 @@ def run_block(block: str, cwd: Path, env: dict, base: int, timeout: float = 600)
 
 
 def check_answers(calls: list[tuple[int, str]], block: str) -> None:
-    """Every curl call answered 200: ``/ping`` Healthy, predictions in the REST contract at 1600x256."""
+    """Every curl call answered 200: ``/ping`` Healthy, ``/v2/health/ready`` ready, predictions in the REST
+    contract at 1600x256 (an ``infer`` answer holds it: :func:`severstal.serve.oip.record_from_response`)."""
+    from severstal.serve.oip import record_from_response
+
     curls = [line for line in block.splitlines() if line.startswith("curl ")]
     assert len(calls) == len(curls), (calls, curls)
     for line, (status, body) in zip(curls, calls):
@@ -84,6 +87,10 @@ def check_answers(calls: list[tuple[int, str]], block: str) -> None:
         answer = json.loads(body)
         if "/ping" in line:
             assert answer == {"status": "Healthy"}, line
+        elif "/v2/health/ready" in line:
+            assert answer == {"ready": True}, line
+        elif "/infer" in line:
+            check_answer(record_from_response(answer), 256, 1600)
         else:
             check_answer(answer, 256, 1600)
 
@@ -117,11 +124,16 @@ def archived(workdir, env) -> Path:
     return workdir / "model_store"
 
 
-def test_the_readme_curl_calls_work_against_severstal_serve(workdir, env, archived):
+SERVE_LINES = {"torchserve": "severstal serve --model-store", "ray": "severstal serve --engine ray"}
+"""How the README's line that starts each server begins."""
+
+
+@pytest.mark.parametrize("engine", list(SERVE_LINES))
+def test_the_readme_curl_and_python_calls_work_against_severstal_serve(workdir, env, archived, engine):
+    """The native block (curl) and the Open Inference Protocol's block (curl and Python) against each server."""
     base = serve_server.free_port_block(6)
-    [line] = [line for line in block_with("severstal serve", curl=False).splitlines()
-              if line.startswith("severstal serve")]
-    run_dir = workdir / "serve-run"
+    [line] = [line for block in bash_blocks() for line in block.splitlines() if line.startswith(SERVE_LINES[engine])]
+    run_dir = workdir / f"serve-run-{engine}"
     process = subprocess.Popen(["bash", "-c", f"exec {with_ports(line, base)} --run-dir {run_dir}"], cwd=workdir,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -135,16 +147,17 @@ def test_the_readme_curl_calls_work_against_severstal_serve(workdir, env, archiv
             assert time.monotonic() < deadline, "".join(seen)
         else:
             pytest.fail(f"severstal serve ended before it was ready:\n{''.join(seen)}")
-        block = block_with("/ping", curl=True)
-        check_answers(run_block(block, workdir, env, base), block)
+        for words in ("/ping", "/v2/models/severstal/infer"):
+            block = block_with(words, curl=True)
+            check_answers(run_block(block, workdir, env, base), block)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 0
+    assert process.returncode == 0, "".join(seen)
 
 
 def test_the_readme_curl_calls_work_against_plain_torchserve(workdir, env, archived):

@@ -475,9 +475,11 @@ def serve_ray(model_store: str | Path, on_ready: Callable[[RayServer], None] | N
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("serve_ray() handles SIGTERM and must run in the main thread; use running_ray_server()")
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         with running_ray_server(model_store, **kwargs) as server:
+            # After ray.init: Ray's core installs a SIGTERM handler that aborts the process; this one stops cleanly.
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             if on_ready:
                 on_ready(server)
             while not stop.is_set():
