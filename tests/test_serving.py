@@ -553,3 +553,28 @@ def test_post_image_retries_a_refused_connection_then_gives_up():
         post_image(f"http://127.0.0.1:{port}/predictions/severstal", b"jpeg", retries=2, backoff=0.01,
                    on_retry=lambda reason, attempt: seen.append(reason))
     assert err.value.status is None and seen == ["ConnectionError", "ConnectionError"]
+
+
+def test_run_until_stopped_stops_on_sigterm_or_when_the_server_ends_by_itself():
+    import contextlib
+    import os
+    import signal
+
+    events = []
+
+    @contextlib.contextmanager
+    def fake_server():
+        events.append("start")
+        yield "server"
+        events.append("stop")
+
+    def on_ready(server):
+        events.append(f"ready {server}")
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill PID` or a container runtime sends
+
+    previous = signal.getsignal(signal.SIGTERM)
+    assert serve_server.run_until_stopped(fake_server(), "fake", on_ready) == 0
+    assert events == ["start", "ready server", "stop"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert serve_server.run_until_stopped(fake_server(), "fake", exited=lambda server: 3) == 3
+    assert events[-2:] == ["start", "stop"]

@@ -39,9 +39,7 @@ import json
 import logging
 import os
 import secrets
-import signal
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -57,8 +55,14 @@ except ImportError as err:  # pragma: no cover - the message is the point
     raise ImportError(f"serving on Ray needs Ray Serve: pip install 'severstal[ray]' ({err})") from err
 
 from severstal.serve import PROPERTIES_FILE, RAY_APP, RAY_REPLICA_MARK, oip, torchserve_file
-from severstal.serve.client import bearer_headers
-from severstal.serve.server import KEY_FILE, WORKER_ENV, read_properties, resolve_token_auth
+from severstal.serve.server import (
+    KEY_FILE,
+    WORKER_ENV,
+    Endpoint,
+    read_properties,
+    resolve_token_auth,
+    run_until_stopped,
+)
 from severstal.serve.worker import (
     BATCH_HEADER,
     BadRequest,
@@ -276,7 +280,7 @@ class SeverstalReplica:
 
 
 @dataclass
-class RayServer:
+class RayServer(Endpoint):
     """A running Ray Serve application started by :func:`running_ray_server` (the shape of ``server.Server``).
 
     Attributes:
@@ -294,27 +298,6 @@ class RayServer:
     replicas: int
     started_ray: bool = True
     engine: str = "ray"
-
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://{self._client_host}:{self.port}"
-
-    def predictions_url(self, model: str = "severstal") -> str:
-        return f"{self.inference_url}/predictions/{model}"
-
-    @property
-    def key_file(self) -> Path:
-        return self.run_dir / KEY_FILE
-
-    def headers(self, api: str = "inference") -> dict:
-        """The ``Authorization`` header; empty without token auth."""
-        if not self.token_auth:
-            return {}
-        return bearer_headers(json.loads(self.key_file.read_text())[api]["key"])
 
     def worker_pids(self) -> list[int]:
         """PIDs of this machine's live replica processes (:data:`severstal.serve.RAY_REPLICA_MARK`)."""
@@ -472,21 +455,4 @@ def serve_ray(model_store: str | Path, on_ready: Callable[[RayServer], None] | N
     Returns:
         0 after a requested stop.
     """
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("serve_ray() handles SIGTERM and must run in the main thread; use running_ray_server()")
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with running_ray_server(model_store, **kwargs) as server:
-            # After ray.init: Ray's core installs a SIGTERM handler that aborts the process; this one stops cleanly.
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            if on_ready:
-                on_ready(server)
-            while not stop.is_set():
-                stop.wait(1.0)
-            log.info("SIGTERM: stopping Ray Serve")
-    except KeyboardInterrupt:
-        log.info("Ctrl-C: Ray Serve stopped")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+    return run_until_stopped(running_ray_server(model_store, **kwargs), "Ray Serve", on_ready)

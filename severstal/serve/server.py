@@ -53,8 +53,41 @@ KEY_FILE = "key_file.json"
 """Where TorchServe writes its token keys: the working directory of the server (its run folder)."""
 
 
+class Endpoint:
+    """What a client needs of a running server, TorchServe or Ray Serve: its URLs and its token key.
+
+    Needs the attributes ``host``, ``port`` (inference), ``run_dir`` (holding ``key_file.json``) and ``token_auth``.
+    """
+
+    host: str
+    port: int
+    run_dir: Path
+    token_auth: bool
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self._client_host}:{self.port}"
+
+    def predictions_url(self, model: str = "severstal") -> str:
+        return f"{self.inference_url}/predictions/{model}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / KEY_FILE
+
+    def headers(self, api: str = "inference") -> dict:
+        """The ``Authorization`` header for ``api`` ("inference" or "management"); empty without token auth."""
+        if not self.token_auth:
+            return {}
+        return bearer_headers(json.loads(self.key_file.read_text())[api]["key"])
+
+
 @dataclass
-class Server:
+class Server(Endpoint):
     """A running TorchServe started by :func:`running_server`.
 
     Attributes:
@@ -73,14 +106,6 @@ class Server:
     engine: str = "torchserve"
 
     @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://{self._client_host}:{self.port}"
-
-    @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.port + 1}"
 
@@ -88,24 +113,11 @@ class Server:
     def metrics_url(self) -> str:
         return f"http://{self._client_host}:{self.port + 2}/metrics"
 
-    def predictions_url(self, model: str = "severstal") -> str:
-        return f"{self.inference_url}/predictions/{model}"
-
     @property
     def java_pid(self) -> int | None:
         """The Java frontend's PID, from TorchServe's pid file in the server's TMPDIR."""
         pid_file = self.run_dir / "tmp" / ".model_server.pid"
         return int(pid_file.read_text().split()[0]) if pid_file.is_file() else None
-
-    @property
-    def key_file(self) -> Path:
-        return self.run_dir / KEY_FILE
-
-    def headers(self, api: str = "inference") -> dict:
-        """The ``Authorization`` header for ``api`` ("inference" or "management"); empty without token auth."""
-        if not self.token_auth:
-            return {}
-        return bearer_headers(json.loads(self.key_file.read_text())[api]["key"])
 
     def log_tail(self, lines: int = 40) -> str:
         out = self.run_dir / "logs" / "torchserve.out"
@@ -330,22 +342,48 @@ def serve(model_store: str | Path, host: str = "127.0.0.1", port: int = 8080, wo
     Returns:
         0 after a requested stop; TorchServe's exit code if it ended by itself.
     """
-    stop = threading.Event()
+    def exited(server: Server) -> int | None:
+        if server.process.poll() is None:
+            return None
+        log.error("TorchServe exited with code %s:\n%s", server.process.returncode, server.log_tail())
+        return server.process.returncode or 1
+
+    return run_until_stopped(running_server(model_store, host, port, workers, run_dir, token_auth), "TorchServe",
+                             on_ready, exited)
+
+
+def run_until_stopped(server_context, name: str, on_ready: Callable | None = None,
+                      exited: Callable | None = None) -> int:
+    """Run a server in the foreground until SIGTERM or Ctrl-C, then leave its context (which stops it cleanly).
+
+    Args:
+        server_context: a context manager yielding the running server (``running_server(...)``).
+        name: the server's name, for the log.
+        on_ready: called with the server once it is ready.
+        exited: called every second with the server: None while it runs, its exit code once it ended by itself.
+
+    Returns:
+        0 after a requested stop, else what ``exited`` returned.
+    """
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("serve() handles SIGTERM and must run in the main thread; use running_server() elsewhere")
+        raise RuntimeError(f"serving {name} handles SIGTERM and must run in the main thread; use its context "
+                           "manager elsewhere")
+    stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        with running_server(model_store, host, port, workers, run_dir, token_auth) as server:
+        with server_context as server:
+            # Again once the server runs: ray.init installs a SIGTERM handler of its own that aborts the process.
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             if on_ready:
                 on_ready(server)
-            while not stop.is_set() and server.process.poll() is None:
+            while not stop.is_set():
+                code = exited(server) if exited else None
+                if code is not None:
+                    return code
                 stop.wait(1.0)
-            if not stop.is_set():
-                log.error("TorchServe exited with code %s:\n%s", server.process.returncode, server.log_tail())
-                return server.process.returncode or 1
-            log.info("SIGTERM: stopping TorchServe")
+            log.info("SIGTERM: stopping %s", name)
     except KeyboardInterrupt:
-        log.info("Ctrl-C: TorchServe stopped")
+        log.info("Ctrl-C: %s stopped", name)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
