@@ -309,8 +309,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-floor", type=float, help="score floor frozen into the graph (default: the run's "
                         "lowest tuned threshold, else the config's MODEL.ROI_HEADS.SCORE_THRESH_TEST)")
     int8 = parser.add_argument_group("int8 (ONNX Runtime static quantization of the backbone and FPN)")
-    int8.add_argument("--int8", action="store_true", help="write an int8 model.onnx (the fp32 one goes to OUT/fp32) "
-                      "if its class masks match fp32's (Dice >= 0.99) on images not used for calibration")
+    int8.add_argument("--int8", action="store_true", help="also write model-int8.onnx beside model.onnx if its class "
+                      "masks match fp32's (Dice >= 0.99) on images not used for calibration; a CPU then serves it")
     int8.add_argument("--calibration", type=Path, help="folder of real images: the first N calibrate, the next 8 "
                       "check parity")
     int8.add_argument("--calibration-images", type=int, default=16, metavar="N", help="calibration images (default 16)")
@@ -329,8 +329,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         onnx = args.weights if args.weights.suffix == ".onnx" else None
         if onnx is None:
-            onnx = export_onnx(args.weights, args.out / "fp32" if args.int8 else args.out, opset=args.opset,
-                               simplify=args.simplify, score_floor=args.score_floor)
+            onnx = export_onnx(args.weights, args.out, opset=args.opset, simplify=args.simplify,
+                               score_floor=args.score_floor)
             print(f"onnx: {onnx} ({onnx.stat().st_size / 1e6:.1f} MB)")
         if args.int8:
             from severstal.model.quantize import quantize_export

@@ -107,9 +107,9 @@ def export_fastest(weights: Path, out: Path, calibration_images: Path) -> tuple[
     from severstal.model.export import export_onnx
     from severstal.model.quantize import ParityError, quantize_export
 
-    fp32 = export_onnx(weights, out / "fp32")
+    fp32 = export_onnx(weights, out)
     try:
-        int8, report = quantize_export(fp32, calibration_images, out / "int8")
+        int8, report = quantize_export(fp32, calibration_images, out)
     except ParityError as err:
         log.warning("demo: %s", err)
         return fp32, {"kept": False, "why": str(err)}

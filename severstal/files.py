@@ -33,10 +33,15 @@ EVALUATION_FILE = "evaluation.json"
 
 # Exported models (``severstal export``).
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model-int8.onnx"
 ENGINE_FILE = "model.engine"
-MODEL_FILES = (WEIGHTS_FILE, ONNX_FILE, ENGINE_FILE)
-"""Model files a folder may hold, in the order a folder is searched: a training run's weights, then the
-files of ``severstal export`` (ONNX, TensorRT)."""
+MODEL_FILES = (WEIGHTS_FILE, ONNX_FILE, INT8_ONNX_FILE, ENGINE_FILE)
+"""Model files a folder may hold: a training run's weights, then the files of ``severstal export`` (ONNX fp32 and
+int8, TensorRT)."""
+FASTEST_FIRST = {"cpu": (INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE), "cuda": (ENGINE_FILE, WEIGHTS_FILE, ONNX_FILE)}
+"""Per device, the model files in the order they are preferred when a folder holds several (each one verified when
+it was written: int8 and TensorRT against fp32): int8 ONNX Runtime, then fp32 ONNX Runtime, then PyTorch on a CPU
+(``severstal bench predict``); TensorRT, then PyTorch on a GPU."""
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 """Valid backend names (``severstal.model.backends``): ``severstal predict --backend``, the handler's ``backend``."""
@@ -76,10 +81,13 @@ def real_data_root() -> Path:
     return Path(os.environ.get(REAL_DATA_ENV) or default)
 
 
-def model_file_in(folder: str | Path) -> Path:
-    """The model file of a run or export folder: the first of :data:`MODEL_FILES` there (else the first name)."""
+def model_file_in(folder: str | Path, device: str = "cpu") -> Path:
+    """The model file of a run or export folder that runs fastest on ``device`` ("cpu", "cuda[:N]"): the first of
+    :data:`FASTEST_FIRST` there, else any of :data:`MODEL_FILES` (else the weights' name)."""
     folder = Path(folder)
-    return next((folder / name for name in MODEL_FILES if (folder / name).is_file()), folder / MODEL_FILES[0])
+    order = FASTEST_FIRST["cuda" if str(device).startswith("cuda") else "cpu"]
+    names = [*order, *(n for n in MODEL_FILES if n not in order)]
+    return next((folder / name for name in names if (folder / name).is_file()), folder / WEIGHTS_FILE)
 
 
 @contextlib.contextmanager

@@ -56,9 +56,25 @@ def test_a_model_that_fails_parity_is_refused_and_nothing_is_written(onnx_export
     with pytest.raises(ParityError, match="under the 1.01 required"):
         quantize_export(onnx_export / "model.onnx", real_data / "train_images", tmp_path / "int8",
                         calibration_images=2, parity_images=2, min_dice=1.01)
-    assert not (tmp_path / "int8" / "model.onnx").exists()
+    assert not (tmp_path / "int8" / "model-int8.onnx").exists()
 
 
 def test_calibration_needs_images_left_for_parity(onnx_export, tmp_path):
     with pytest.raises(ValueError, match="at least one more"):
         quantize_export(onnx_export / "model.onnx", tmp_path, tmp_path / "int8")
+
+
+@pytest.mark.parametrize(("present", "device", "chosen"), [
+    (["model_final.pth", "model.onnx", "model-int8.onnx"], "cpu", "model-int8.onnx"),
+    (["model_final.pth", "model.onnx"], "cpu", "model.onnx"),
+    (["model_final.pth"], "cpu", "model_final.pth"),
+    (["model_final.pth", "model.onnx", "model-int8.onnx"], "cuda:0", "model_final.pth"),
+    (["model_final.pth", "model.engine"], "cuda", "model.engine"),
+    (["model.engine"], "cpu", "model.engine"),
+])
+def test_a_folder_serves_its_fastest_model_for_the_device(tmp_path, present, device, chosen):
+    from severstal.files import model_file_in
+
+    for name in present:
+        (tmp_path / name).touch()
+    assert model_file_in(tmp_path, device).name == chosen

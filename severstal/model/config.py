@@ -144,13 +144,18 @@ def load_bundle(weights_or_folder: str | Path, device: str | None = None) -> Mod
 
     Args:
         weights_or_folder: ``model_final.pth`` (or any checkpoint), an exported ``model.onnx`` /
-            ``model.engine``, or the folder holding one (see :data:`MODEL_FILES`); the folder must hold
-            ``config.yaml``; ``thresholds.json`` is applied when present.
+            ``model-int8.onnx`` / ``model.engine``, or the folder holding one or several (the fastest on
+            ``device`` is taken: ``severstal.files.FASTEST_FIRST``); the folder must hold ``config.yaml``;
+            ``thresholds.json`` is applied when present.
         device: "cpu", "cuda" or "cuda:N"; default: CUDA when available.
     """
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(weights_or_folder)
     if path.is_dir():
-        folder, weights = path, model_file_in(path)
+        folder, weights = path, model_file_in(path, device)
     else:
         folder, weights = path.parent, path
     if not weights.is_file():
@@ -167,9 +172,5 @@ def load_bundle(weights_or_folder: str | Path, device: str | None = None) -> Mod
         if "presence_thresholds" in tuned:
             cfg.SEVERSTAL.PRESENCE_THRESHOLDS = [float(t) for t in tuned["presence_thresholds"]]
     cfg.MODEL.WEIGHTS = str(weights)
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.MODEL.DEVICE = device
     return ModelBundle(cfg=cfg, weights=weights, folder=folder)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from severstal.data.annotations import list_images
 from severstal.data.images import read_image
-from severstal.files import ONNX_FILE, atomic_path
+from severstal.files import INT8_ONNX_FILE, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,14 @@ def _split_images(folder: str | Path, calibration: int, parity: int) -> tuple[li
 def quantize_export(fp32_onnx: str | Path, calibration_dir: str | Path, out_dir: str | Path,
                     calibration_images: int = 16, parity_images: int = 8,
                     min_dice: float = MIN_PARITY_DICE) -> tuple[Path, dict]:
-    """Quantize an exported ``model.onnx`` to int8 into ``out_dir`` (with its config), if it keeps the answers.
+    """Quantize an exported ``model.onnx`` to ``out_dir/model-int8.onnx`` (with its config) if it keeps the answers.
 
     Args:
         fp32_onnx: the fp32 export (``severstal.model.export.export_onnx``), ``config.yaml`` beside it.
         calibration_dir: folder of real images: the first ``calibration_images`` (by name) calibrate, the next
             up to ``parity_images`` check parity.
-        out_dir: folder for the int8 ``model.onnx`` and the export's other files.
+        out_dir: folder for ``model-int8.onnx`` and the export's other files (the fp32 export's own folder: then
+            both models sit side by side and the folder serves int8 on a CPU, ``severstal.files.FASTEST_FIRST``).
         min_dice: the least mean class-mask Dice against fp32 that is accepted.
 
     Returns:
@@ -86,7 +87,7 @@ def quantize_export(fp32_onnx: str | Path, calibration_dir: str | Path, out_dir:
     model = onnx.load(str(fp32_onnx))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name.startswith(QUANTIZED_PREFIXES)]
     with tempfile.TemporaryDirectory() as tmp:
-        int8_path = Path(tmp) / ONNX_FILE
+        int8_path = Path(tmp) / INT8_ONNX_FILE
         quantize_static(str(fp32_onnx), str(int8_path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=convs,
                         op_types_to_quantize=["Conv"])
@@ -104,10 +105,10 @@ def quantize_export(fp32_onnx: str | Path, calibration_dir: str | Path, out_dir:
             raise ParityError(f"int8 parity failed: class-mask Dice {parity:.4f} against fp32 on {len(images)} images "
                               f"not used for calibration, {min_dice - parity:.4f} under the {min_dice} required; "
                               "no int8 model written (the fp32 export serves as it is)")
-        out = Path(out_dir) / ONNX_FILE
+        out = Path(out_dir) / INT8_ONNX_FILE
         with atomic_path(out) as target:
             shutil.copyfile(int8_path, target)
-    copy_run_files(bundle, Path(out_dir), ONNX_FILE)
+    copy_run_files(bundle, Path(out_dir), INT8_ONNX_FILE)
     log.info("int8: %d convolutions quantized, class-mask Dice %.4f against fp32 on %d held-back images: %s",
              len(convs), parity, len(images), out)
     return out, report
