@@ -355,14 +355,22 @@ def _archive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="severstal", help="model name: the /predictions/NAME path")
     parser.add_argument("--version", default="1.0", help="model version")
     parser.add_argument("--model-config", type=Path, help="default: torchserve/model-config.yaml")
+    parser.add_argument("--torch-only", action="store_true", help="pack the PyTorch weights alone (by default a "
+                        "training run's ONNX and, where its answers hold, int8 exports go beside them, and a CPU "
+                        "worker runs the fastest)")
+    parser.add_argument("--calibration", type=Path, help="real images to calibrate int8 on (default: the run's "
+                        "training images)")
 
 
 @command("archive", "Pack weights, config, thresholds and the handler into a TorchServe .mar.", _archive_arguments)
 def _archive(args: argparse.Namespace) -> None:
-    from severstal.serve.archive import archive
+    from severstal.files import model_file_in
+    from severstal.serve.archive import archive, export_for_serving
 
-    path = archive(args.weights, args.out, name=args.name, version=args.version, model_config=args.model_config)
-    print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    weights = model_file_in(args.weights) if args.weights.is_dir() else args.weights
+    also = [] if args.torch_only or weights.suffix != ".pth" else export_for_serving(weights, args.calibration)
+    path = archive(weights, args.out, name=args.name, version=args.version, model_config=args.model_config, also=also)
+    print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB) with {', '.join(p.name for p in [weights, *also])}")
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,8 +22,37 @@ log = logging.getLogger(__name__)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
+def export_for_serving(weights: str | Path, calibration: str | Path | None = None) -> list[Path]:
+    """The faster models of a training run, made once into its ``export/`` folder: ONNX fp32 and, when real images to
+    calibrate on are at hand (``calibration``, else the run's training images) and its answers hold, int8.
+
+    Returns:
+        The model files made (the int8 one only where ``severstal.model.quantize`` accepted it).
+    """
+    from severstal.files import INT8_ONNX_FILE, ONNX_FILE, TRAIN_IMAGES
+    from severstal.model.config import load_bundle
+    from severstal.model.export import export_onnx
+    from severstal.model.quantize import ParityError, quantize_export
+
+    bundle = load_bundle(weights, device="cpu")
+    folder = bundle.folder / "export"
+    fp32 = folder / ONNX_FILE if (folder / ONNX_FILE).is_file() else export_onnx(bundle.weights, folder)
+    made = [fp32]
+    images = Path(calibration) if calibration else Path(bundle.cfg.SEVERSTAL.DATA_DIR) / TRAIN_IMAGES
+    if (folder / INT8_ONNX_FILE).is_file():
+        made.append(folder / INT8_ONNX_FILE)
+    elif images.is_dir():
+        try:
+            made.append(quantize_export(fp32, images, folder)[0])
+        except ParityError as err:
+            log.warning("archive: %s", err)
+    else:
+        log.info("archive: no images to calibrate int8 on (%s): fp32 ONNX only; pass --calibration DIR", images)
+    return made
+
+
 def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", version: str = "1.0",
-            model_config: str | Path | None = None) -> Path:
+            model_config: str | Path | None = None, also: list[Path] | tuple[Path, ...] = ()) -> Path:
     """Build ``out_dir/NAME.mar`` with torch-model-archiver.
 
     The archive holds the weights, the run's ``config.yaml`` (and ``thresholds.json`` when present), the
@@ -37,6 +66,8 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
         name: the model name, the ``/predictions/NAME`` path.
         version: the model version.
         model_config: default ``torchserve/model-config.yaml``.
+        also: other model files of the same model (:func:`export_for_serving`) packed beside it; with the handler
+            block's ``backend`` null the worker runs the fastest of them for its device (``files.FASTEST_FIRST``).
 
     Returns:
         The path of the archive.
@@ -58,7 +89,7 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
         raise ValueError(f"{model_config} sets backend {backend!r}, which cannot run {weights.name} "
                          f"(a {backend_for(weights)!r} model): set backend to null or one of "
                          f"{list(backends_for(weights))}")
-    extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()]
+    extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()] + [Path(p) for p in also]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "model_archiver.model_packaging",

@@ -52,6 +52,8 @@ REQUEST_FIELDS = ("data", "body")
 """Where an image may be in a request: multipart field ``data``, else the raw body."""
 BATCH_HEADER = "X-Severstal-Batch-Size"
 """Response header: how many requests the handler call that answered this one held."""
+BACKEND_HEADER = "X-Severstal-Backend"
+"""Response header: the backend and precision that answered, e.g. ``onnxruntime int8``."""
 INFERENCE_METRIC = "SeverstalInferenceTime"
 """Handler metric (ms): one ``Predictor.predict`` call for a whole batch."""
 BATCH_METRIC = "SeverstalBatchSize"
@@ -335,7 +337,8 @@ def answer(upload: Upload, result: dict | BadRequest, model_name: str, model_ver
     return 200, result
 
 
-def respond(uploads: Sequence[Upload], results: Sequence[dict | BadRequest], context) -> list[dict]:
+def respond(uploads: Sequence[Upload], results: Sequence[dict | BadRequest], context,
+            runs: str | None = None) -> list[dict]:
     """The handler's answers: one JSON-able dict per request, with its HTTP status set on ``context``.
 
     Args:
@@ -343,6 +346,7 @@ def respond(uploads: Sequence[Upload], results: Sequence[dict | BadRequest], con
         results: a record (the REST answer) or a :class:`BadRequest` per request.
         context: TorchServe's ``Context`` of this batch (per-item status and headers; the manifest's name
             and version).
+        runs: what runs the model (:attr:`ServingModel.runs`), sent as the :data:`BACKEND_HEADER` header.
     """
     model = context.manifest.get("model", {})
     answers = []
@@ -353,6 +357,8 @@ def respond(uploads: Sequence[Upload], results: Sequence[dict | BadRequest], con
         answers.append(body)
         context.set_response_content_type(index, "application/json")
         context.set_response_header(index, BATCH_HEADER, str(len(results)))
+        if runs:
+            context.set_response_header(index, BACKEND_HEADER, runs)
     return answers
 
 
@@ -473,7 +479,7 @@ class ServingModel:
         """
         import torch
 
-        from severstal.model.backends import make_backend
+        from severstal.model.backends import describe_backend, make_backend
         from severstal.model.config import load_bundle
         from severstal.model.predict import Predictor
 
@@ -481,12 +487,15 @@ class ServingModel:
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         device = select_device(gpu_id)
-        bundle = load_bundle(Path(model_dir) / weights_name, device=device)
+        # With no backend named, the fastest verified model the folder holds for this device (an archive of a
+        # training run packs its ONNX and int8 exports beside the weights: severstal.files.FASTEST_FIRST).
+        source = Path(model_dir) if settings.backend is None else Path(model_dir) / weights_name
+        bundle = load_bundle(source, device=device)
         settings.apply(bundle.cfg)
         backend = make_backend(settings.backend, bundle.cfg, fp16=settings.fp16)
-        log.info("loaded %s on %s with %s (fp16 %s, score thresholds %s, min areas %s, %d threads)", bundle.weights,
-                 device, type(backend).__name__, getattr(backend, "fp16", False),
-                 list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS), list(bundle.cfg.SEVERSTAL.MIN_AREAS),
+        log.info("loaded %s on %s: %s (score thresholds %s, min areas %s, presence thresholds %s, %d threads)",
+                 bundle.weights, device, describe_backend(backend), list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS),
+                 list(bundle.cfg.SEVERSTAL.MIN_AREAS), list(bundle.cfg.SEVERSTAL.PRESENCE_THRESHOLDS),
                  torch.get_num_threads())
         return cls(Predictor(bundle.cfg, backend=backend), settings)
 
@@ -501,6 +510,13 @@ class ServingModel:
     @property
     def device(self) -> str:
         return str(self.predictor.cfg.MODEL.DEVICE)
+
+    @property
+    def runs(self) -> str:
+        """The backend and precision that run the model, e.g. ``onnxruntime int8``."""
+        backend = self.predictor.backend
+        choice = getattr(backend, "choice", None)  # make_backend's; a backend built by hand has none
+        return f"{choice.backend if choice else type(backend).__name__} {getattr(backend, 'precision', 'fp32')}"
 
     def predict(self, items: Sequence[np.ndarray | BadRequest]) -> list[dict | BadRequest]:
         """Predict all decoded images of a batch in one call; bad items pass through unchanged.

@@ -45,4 +45,4 @@ class SeverstalHandler(BaseHandler):
     def postprocess(self, data):
         """One JSON-able dict per request, in its protocol; a bad request gets its 4xx status."""
         uploads, results = data
-        return worker.respond(uploads, results, self.context)
+        return worker.respond(uploads, results, self.context, self.serving_model.runs)
