@@ -79,7 +79,8 @@ def test_the_cli_serves_with_ray_on_the_same_options():
 @pytest.mark.slow
 def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real_data, tmp_path):
     """Two nodes of one CPU each on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests do), one
-    replica of one CPU on each: 8 clients keep both busy and every image gets the same answer from either."""
+    replica of one CPU on each: 8 clients keep both busy and every image gets the same answer from either. With
+    token authorization on, a request without the key from ``key_file.json`` answers 401."""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
@@ -94,11 +95,15 @@ def test_two_replicas_on_a_two_node_local_ray_serve_the_same_answers(store, real
     try:
         cluster.add_node(num_cpus=1)
         with running_ray_server(store, port=0, replicas=2, cpus=1, address=cluster.address, run_dir=tmp_path,
-                                startup_timeout=300) as server:
+                                token_auth=True, startup_timeout=300) as server:
             assert len(server.worker_pids()) == 2
+            assert (tmp_path / "key_file.json").stat().st_mode & 0o777 == 0o600
+            refused = requests.post(server.predictions_url(), data=bodies[0], timeout=60)
+            assert refused.status_code == 401, refused.text  # the bearer key is asked for, as on TorchServe
 
             def post(index: int):
-                response = requests.post(server.predictions_url(), data=bodies[index % 3], timeout=120)
+                response = requests.post(server.predictions_url(), data=bodies[index % 3], timeout=120,
+                                         headers=server.headers())
                 assert response.status_code == 200, response.text
                 return index % 3, response.headers[REPLICA_HEADER], response.json()
 
