@@ -55,7 +55,7 @@ def test_bad_overrides_say_what_is_allowed(opts, message):
 
 
 def test_unknown_config_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown config 'tiny'.*\['r50', 'small'\]"):
+    with pytest.raises(ValueError, match=r"unknown config 'tiny'.*\['fewlabels', 'r50', 'small'\]"):
         resolve_config("tiny")
 
 
@@ -85,3 +85,22 @@ def test_bundle_without_config_says_what_is_missing(tmp_path):
     (tmp_path / "model_final.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("opts, words", [
+    (["SEVERSTAL.COPY_PASTE_PROB", "1.5"], "COPY_PASTE_PROB must be in"),
+    (["SEVERSTAL.BRIGHTNESS_CONTRAST", "1.0"], "BRIGHTNESS_CONTRAST must be in"),
+    (["SEVERSTAL.CROP_WIDTH", "-1"], "CROP_WIDTH must be 0"),
+    (["SEVERSTAL.PRESENCE_THRESHOLDS", "[0.5]"], "PRESENCE_THRESHOLDS needs one value per class"),
+])
+def test_few_label_levers_are_validated_early(opts, words):
+    with pytest.raises(ValueError, match=words):
+        get_severstal_cfg("fewlabels", opts)
+
+
+def test_the_fewlabels_recipe_turns_its_levers_on():
+    cfg = get_severstal_cfg("fewlabels")
+    assert cfg.MODEL.META_ARCHITECTURE == "PresenceRCNN"
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert cfg.SEVERSTAL.CROP_WIDTH > 0 and cfg.SEVERSTAL.COPY_PASTE_PROB > 0 and cfg.SEVERSTAL.BRIGHTNESS_CONTRAST > 0
+    assert not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
