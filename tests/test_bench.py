@@ -78,15 +78,18 @@ def test_cli_bench_predict_times_every_backend_on_the_same_images(low_floor_run,
     backends = "torch,onnxruntime" + (",openvino" if openvino_missing() is None else "")
     assert main(["bench", "predict", "--weights", str(low_floor_run), "--onnx", str(onnx_export / "model.onnx"),
                  "--images", str(real_data / "train_images"), "--limit", "2", "--repeats", "1", "--threads", "1",
-                 "--backends", backends, "--json"]) == 0
+                 "--backends", backends + ",onnxruntime:int8", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("predict: 2 images x 1 passes, batch size 1, 1 threads, cpu")
     assert "load average" in out[0] and "CPU bf16 instructions: " in out[0]
     r = json.loads(out[-1])
-    assert [(row["backend"], row["precision"]) for row in r["rows"]] == [(b, "fp32") for b in backends.split(",")]
+    variants = [(b, "fp32") for b in backends.split(",")] + [("onnxruntime", "int8")]
+    assert [(row["backend"], row["precision"]) for row in r["rows"]] == variants
     torch_row, ort_row = r["rows"][:2]
     assert torch_row["e2e_vs_torch"] == 1.0 and ort_row["dice_vs_torch"] >= 0.99
-    assert all(row["keeps_answers"] and row["detections"] > 0 for row in r["rows"])
+    assert all(row["keeps_answers"] and row["detections"] > 0 for row in r["rows"][:-1])
+    int8_row = r["rows"][-1]  # timed whatever its parity; keeps_answers says whether it reached it
+    assert "onnxruntime int8" in int8_row["runs"] and int8_row["keeps_answers"] == (int8_row["dice_vs_torch"] >= 0.99)
     assert ort_row["e2e_vs_torch"] == pytest.approx(torch_row["e2e_p50_ms"] / ort_row["e2e_p50_ms"])
     assert all(row["e2e_p50_ms"] > 0 and row["net_p50_ms"] > 0 and row["net_images_per_s"] > 0 for row in r["rows"])
     assert set(r["load_average"]) == {"before", "after"}
@@ -95,7 +98,8 @@ def test_cli_bench_predict_times_every_backend_on_the_same_images(low_floor_run,
     assert "unknown backend 'tflite'" in capsys.readouterr().err
     assert main(["bench", "predict", "--weights", str(low_floor_run), "--images", str(real_data / "train_images"),
                  "--backends", "onnxruntime:bf16"]) == 2
-    assert "unknown precision 'bf16' for backend 'onnxruntime'; valid precisions: ['fp32']" in capsys.readouterr().err
+    assert "unknown precision 'bf16' for backend 'onnxruntime'; valid precisions: ['fp32', 'int8']" in \
+        capsys.readouterr().err
 
 
 def test_cli_bench_profile_splits_one_image_into_stages(low_floor_run, real_data, capsys):
