@@ -137,6 +137,10 @@ def test_bench_serve_against_the_server(server, real_data, small_run):
     for row in r["rows"]:
         assert 0 < row["p50"] <= row["p95"] <= row["p99"] and row["images_per_s"] > 0
     assert r["overhead"] > 0 and r["throughput_ratio"] > 0
+    # The benchmarks switch to the Open Inference Protocol with the URL alone.
+    infer_url = serve_client.model_url(server.inference_url, protocol="oip")
+    r = bench_serve(infer_url, real_data / "train_images", concurrency=2, requests=3)
+    assert r["errors"] == 0 and r["rows"][0]["method"] == served
 
 
 def image_bytes(image: Image.Image, fmt: str, **save) -> bytes:
@@ -230,7 +234,8 @@ def test_odd_and_good_uploads_sent_together_every_good_one_is_answered(server, j
 def test_a_short_soak_answers_everything_and_samples_the_memory_of_every_process(server, real_data):
     from severstal.bench.soak import soak
 
-    r = soak(server.predictions_url(), real_data / "train_images", concurrency=3, duration=6, sample_every=0.5)
+    infer_url = serve_client.model_url(server.inference_url, protocol="oip")  # the soak on the protocol's route
+    r = soak(infer_url, real_data / "train_images", concurrency=3, duration=6, sample_every=0.5)
     assert r["errors"] == 0 and r["error_statuses"] == {} and r["requests"] == r["ok"] > 0
     assert set(r["latency"]) == {"n", "p50", "p95", "p99", "mean", "images_per_s"}
     assert r["latency"]["p50"] <= r["latency"]["p95"] <= r["latency"]["p99"]
