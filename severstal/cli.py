@@ -170,7 +170,11 @@ def _cv_row(name: str, r: dict) -> str:
 @command("cv", "k-fold cross-validation on labelled images: train, tune, score each held-out fold vs all-empty.",
          _cv_arguments)
 def _cv(args: argparse.Namespace) -> None:
+    import logging
+
     from severstal.model.cv import cross_validate
+
+    logging.basicConfig(level=logging.INFO, format="severstal cv: %(message)s")
 
     print(_CV_ROW.format("fold", "Dice", "all-empty", "gain", "defect pairs", "c1", "c2", "c3", "c4", "s"))
     report = cross_validate(args.data, args.out, args.config, args.opts, folds=args.folds, seed=args.seed,
