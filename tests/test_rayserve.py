@@ -144,7 +144,8 @@ def replica(store):
     from severstal.serve.rayserve import SeverstalReplica, read_store
 
     instance = SeverstalReplica.__new__(SeverstalReplica)  # no __init__: no model loaded
-    instance.model, instance.token, instance.max_request_size, instance.replica = read_store(store), "k", 100, "n/r"
+    instance.model, instance.token, instance.max_request_size = read_store(store), "k", 100
+    instance.answer_headers = {}
     return instance
 
 

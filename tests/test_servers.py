@@ -95,6 +95,7 @@ def test_a_real_image_as_raw_body_as_multipart_data_and_on_the_open_inference_pr
         assert response.headers["content-type"] == "application/json"
         check_answer(response.json(), 256, 1600)
     assert raw.json() == multipart.json() == serve_client.post_image(server.predictions_url(), jpeg)
+    assert raw.headers[serve_worker.BACKEND_HEADER] == multipart.headers[serve_worker.BACKEND_HEADER]  # both servers
     infer_url = serve_client.model_url(server.inference_url, protocol="oip")
     assert serve_client.post_image(infer_url, jpeg) == raw.json()
 

@@ -64,6 +64,7 @@ from severstal.serve.server import (
     run_until_stopped,
 )
 from severstal.serve.worker import (
+    BACKEND_HEADER,
     BATCH_HEADER,
     BadRequest,
     ServingModel,
@@ -193,7 +194,8 @@ class SeverstalReplica:
         self.serving = ServingModel.load(self._folder.name, model.serialized_file, 0 if gpu else None, block)
         if self.serving.settings.threads is None:
             torch.set_num_threads(physical_cores())  # Ray sets OMP_NUM_THREADS to the whole CPUs asked (>= 1)
-        self.replica = f"{ray.get_runtime_context().get_node_id()}/{serve.get_replica_context().replica_id.unique_id}"
+        replica = f"{ray.get_runtime_context().get_node_id()}/{serve.get_replica_context().replica_id.unique_id}"
+        self.answer_headers = {REPLICA_HEADER: replica, BACKEND_HEADER: self.serving.runs}
         self.predict_batch.set_max_batch_size(model.batch_size)
         self.predict_batch.set_batch_wait_timeout_s(model.batch_wait_s)
         log.info("replica ready: %s %s, batches of up to %d within %.0f ms, %d threads", model.name, model.version,
@@ -273,7 +275,7 @@ class SeverstalReplica:
         if not isinstance(result, BadRequest):
             result, batch = await self.predict_batch(result)
         status, body = answer(upload, result, self.model.name, self.model.version)
-        return _json(body, status, {BATCH_HEADER: str(batch), REPLICA_HEADER: self.replica})
+        return _json(body, status, {BATCH_HEADER: str(batch), **self.answer_headers})
 
 
 # The server's life cycle ---------------------------------------------------------------------------------
