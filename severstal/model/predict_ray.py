@@ -207,7 +207,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     if address in (None, LOCAL):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a new Ray of its own, never a cluster someone started on this machine with `ray start`
+        # (a bare ray.init() would join that one).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return True
