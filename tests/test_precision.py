@@ -51,7 +51,7 @@ def test_fp32_is_the_default_and_bf16_runs_when_asked(monkeypatch):
     assert (onnx.backend, onnx.precision) == ("onnxruntime", "fp32")
     assert choose_backend("model.onnx", backend="openvino", precision="fp32").reason == "asked; asked"
     with pytest.raises(ValueError, match=re.escape("unknown precision 'bf16' for backend 'openvino'; valid precisions: "
-                                                   "['fp32']")):  # it lost answers on AMX (backends.OpenVinoBackend)
+                                                   "['fp32', 'int8']")):  # lost answers on AMX (OpenVinoBackend)
         choose_backend("model.onnx", backend="openvino", precision="bf16")
     gpu = choose_backend("m.pth", device="cuda:0", fp16=True, flags=AMX)
     assert (gpu.backend, gpu.precision) == ("torch", "fp16")
@@ -64,10 +64,10 @@ def test_fp32_is_the_default_and_bf16_runs_when_asked(monkeypatch):
 
 def test_unknown_or_unsupported_precisions_list_the_valid_ones(scratch_run, monkeypatch):
     with pytest.raises(ValueError, match=re.escape("unknown precision 'int4'; valid precisions: ['fp32', 'bf16', "
-                                                   "'fp16']")):
+                                                   "'fp16', 'int8']")):
         check_precision("int4")
     with pytest.raises(ValueError, match=re.escape("unknown precision 'bf16' for backend 'onnxruntime'; valid "
-                                                   "precisions: ['fp32']")):
+                                                   "precisions: ['fp32', 'int8']")):
         choose_backend("model.onnx", precision="bf16")
     with pytest.raises(ValueError, match="torch fp16 runs on a CUDA GPU only"):
         make_backend(None, load_bundle(scratch_run, device="cpu"), precision="fp16")

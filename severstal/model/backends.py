@@ -315,13 +315,12 @@ def choose_backend(model_file: str | Path, device: str = "cpu", backend: str | N
     else:
         precision, why = "fp32", f"{backend}'s default"
     fixed = onnx_precision(model_file) if backend in ("onnxruntime", "openvino") else None
-    if fixed is not None and precision != fixed:
-        if why != "asked":
-            precision, why = fixed, "fixed at export"
-        else:
-            raise ValueError(f"{Path(model_file).name} is an {fixed} model: its precision was fixed at export "
-                             f"(export again for {precision})")
+    if fixed is not None and precision != fixed and why != "asked":
+        precision, why = fixed, "fixed at export"
     check_precision(precision, backend)
+    if fixed is not None and precision != fixed:
+        raise ValueError(f"{Path(model_file).name} is an {fixed} model: its precision was fixed at export "
+                         f"(export again for {precision})")
     if precision == "bf16" and not cpu_has_bf16(flags):
         why += "; emulated: this CPU has no bf16 instructions, expect it several times slower than fp32"
     return BackendChoice(backend, precision, f"{reason}; {why}")
