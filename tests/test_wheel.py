@@ -74,7 +74,7 @@ def test_the_installed_wheel_archives_and_serves_outside_the_checkout(fresh_env,
         while url is None and time.monotonic() < deadline and server.poll() is None:
             line = server.stdout.readline()
             if line.startswith("POST an image to "):
-                url = line.removeprefix("POST an image to ").strip()
+                url = line.removeprefix("POST an image to ").split()[0]  # the native route, then the protocol's
         assert url, f"no READY server; exit code {server.poll()}"
         image = next((real_data / "train_images").glob("*.jpg"))
         response = requests.post(url, data=image.read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=120)

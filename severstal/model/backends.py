@@ -522,8 +522,10 @@ class OpenVinoBackend:
             # Copies: the request reuses its output memory on the next call.
             out = {name: torch.from_numpy(np.array(values[port])) for name, port in self.outputs.items()}
             # OpenVINO 2026.4 answers an image without detections with one row of uninitialised memory
-            # instead of none: real rows always pass the graph's own score floor and have a valid class.
-            valid = (out["scores"] >= self.score_floor) & (out["classes"] >= 0) & (out["classes"] < self.num_classes)
+            # instead of none: real rows have a probability between the graph's floor and 1, a valid class and
+            # finite boxes.
+            valid = (out["scores"] >= self.score_floor) & (out["scores"] <= 1.0) & (out["classes"] >= 0)
+            valid &= (out["classes"] < self.num_classes) & torch.isfinite(out["boxes"]).all(dim=1)
             rows = {name: value if name == PRESENCE_NAME else value[valid] for name, value in out.items()}
             results.append(exported_output(rows, self.max_detections, min_score))
         return results
