@@ -176,7 +176,10 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
         started = time.perf_counter()
         weights = pretrain_on_synthetic(data, out / "pretrain", config, opts, pretrain_images, pretrain_iterations,
                                         scratch, seed)
-        plan["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+        seconds = out / "pretrain" / "seconds.txt"  # kept, so that a resumed run still reports it
+        if not seconds.is_file():
+            write_text_atomic(seconds, f"{time.perf_counter() - started:.1f}\n")
+        plan["pretrain_seconds"] = float(seconds.read_text())
         fold_opts, fold_scratch = [*opts, "MODEL.WEIGHTS", str(weights)], False
     results = []
     for k, held_out in enumerate(fold_ids):
