@@ -291,7 +291,7 @@ def _demo(args: argparse.Namespace) -> None:
     answer = r["serve"]["first_answer"]
     summary = [(d["class_id"], d["score"], d["area"]) for d in answer["defects"]]
     int8 = r["int8"]
-    kept = f"int8 kept, class-mask Dice {int8['parity_dice']:.4f} vs fp32" if int8["kept"] else "int8 refused"
+    kept = f"int8 kept ({int8.get('parity_dice', int8.get('why'))})" if int8["kept"] else "int8 refused"
     print(f"\nserved and predicted with {r['served_model']} ({kept})")
     print(f"TorchServe answer for {answer['image']}: {len(summary)} defects (class, score, area) {summary[:5]}")
     print(f"latencies (s): {r['serve']['latencies_s']}")
@@ -372,7 +372,7 @@ def _archive(args: argparse.Namespace) -> None:
     from severstal.serve.archive import archive, export_for_serving
 
     weights = model_file_in(args.weights) if args.weights.is_dir() else args.weights
-    also = [] if args.torch_only or weights.suffix != ".pth" else export_for_serving(weights, args.calibration)
+    also = [] if args.torch_only or weights.suffix != ".pth" else export_for_serving(weights, args.calibration)[0]
     path = archive(weights, args.out, name=args.name, version=args.version, model_config=args.model_config, also=also)
     print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB) with {', '.join(p.name for p in [weights, *also])}")
 

@@ -55,7 +55,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     from severstal.model.evaluation import evaluate
     from severstal.model.predict import predict_folder
     from severstal.model.train import train
-    from severstal.serve.archive import archive
+    from severstal.serve.archive import archive, export_for_serving
 
     s = settings or DemoSettings()
     out = Path(out)
@@ -77,7 +77,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     opts = ["SOLVER.MAX_ITER", str(s.max_iter), "SEED", str(s.seed), "SOLVER.AMP.ENABLED", str(bf16), *s.opts]
     weights = stage("train", train, data, s.config, run, opts, evaluate_after=False)  # evaluate is the next stage
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
-    served_model, int8 = stage("export", export_fastest, weights, out / "export", data / TRAIN_IMAGES)
+    models, int8 = stage("export", export_for_serving, weights, data / TRAIN_IMAGES)
+    served_model = models[-1]  # int8 where its answers held, else fp32 ONNX
     submission = stage("predict", predict_folder, served_model, holdout / TRAIN_IMAGES, out / "submission.csv",
                        overlays=out / "overlays")
     submission["holdout_dice"], submission["holdout_empty_baseline"] = holdout_dice(out / "submission.csv",
@@ -99,21 +100,6 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     }
     write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, default=str))
     return report
-
-
-def export_fastest(weights: Path, out: Path, calibration_images: Path) -> tuple[Path, dict]:
-    """Export to ONNX and quantize to int8 (calibrated on training images); the int8 model where its class masks
-    match fp32's (``severstal.model.quantize``), else the fp32 export. Returns the model file and what int8 gave."""
-    from severstal.model.export import export_onnx
-    from severstal.model.quantize import ParityError, quantize_export
-
-    fp32 = export_onnx(weights, out)
-    try:
-        int8, report = quantize_export(fp32, calibration_images, out)
-    except ParityError as err:
-        log.warning("demo: %s", err)
-        return fp32, {"kept": False, "why": str(err)}
-    return int8, {"kept": True, **report}
 
 
 def holdout_dice(submission: Path, truth_csv: Path) -> tuple[float, float]:

@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
-def export_for_serving(weights: str | Path, calibration: str | Path | None = None) -> list[Path]:
-    """The faster models of a training run, made once into its ``export/`` folder: ONNX fp32 and, when real images to
-    calibrate on are at hand (``calibration``, else the run's training images) and its answers hold, int8.
+def export_for_serving(weights: str | Path, calibration: str | Path | None = None) -> tuple[list[Path], dict]:
+    """The faster models of a training run, made into its ``export/`` folder: ONNX fp32 and, when real images to
+    calibrate on are at hand (``calibration``, else the run's training images) and its answers hold, int8. Exports
+    newer than the weights are reused; weights trained again are exported again.
 
     Returns:
-        The model files made (the int8 one only where ``severstal.model.quantize`` accepted it).
+        The model files (the int8 one only where ``severstal.model.quantize`` accepted it), and what int8 gave:
+        ``{"kept": bool}`` with ``quantize_export``'s report when it was made now, or ``"why"`` when it was not.
     """
     from severstal.files import INT8_ONNX_FILE, ONNX_FILE, TRAIN_IMAGES
     from severstal.model.config import load_bundle
@@ -36,19 +38,25 @@ def export_for_serving(weights: str | Path, calibration: str | Path | None = Non
 
     bundle = load_bundle(weights, device="cpu")
     folder = bundle.folder / "export"
-    fp32 = folder / ONNX_FILE if (folder / ONNX_FILE).is_file() else export_onnx(bundle.weights, folder)
-    made = [fp32]
+
+    def fresh(path: Path) -> bool:
+        return path.is_file() and path.stat().st_mtime >= bundle.weights.stat().st_mtime
+
+    fp32 = folder / ONNX_FILE if fresh(folder / ONNX_FILE) else export_onnx(bundle.weights, folder)
     images = Path(calibration) if calibration else Path(bundle.cfg.SEVERSTAL.DATA_DIR) / TRAIN_IMAGES
-    if (folder / INT8_ONNX_FILE).is_file():
-        made.append(folder / INT8_ONNX_FILE)
-    elif images.is_dir():
-        try:
-            made.append(quantize_export(fp32, images, folder)[0])
-        except ParityError as err:
-            log.warning("archive: %s", err)
-    else:
-        log.info("archive: no images to calibrate int8 on (%s): fp32 ONNX only; pass --calibration DIR", images)
-    return made
+    if fresh(folder / INT8_ONNX_FILE):
+        return [fp32, folder / INT8_ONNX_FILE], {"kept": True, "why": "made earlier"}
+    (folder / INT8_ONNX_FILE).unlink(missing_ok=True)  # an older model's: never served beside this export
+    if not images.is_dir():
+        why = f"no images to calibrate int8 on ({images}): fp32 ONNX only; pass --calibration DIR"
+        log.info("archive: %s", why)
+        return [fp32], {"kept": False, "why": why}
+    try:
+        int8, report = quantize_export(fp32, images, folder)
+    except ParityError as err:
+        log.warning("archive: %s", err)
+        return [fp32], {"kept": False, "why": str(err)}
+    return [fp32, int8], {"kept": True, **report}
 
 
 def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", version: str = "1.0",
