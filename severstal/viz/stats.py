@@ -24,7 +24,7 @@ import pandas as pd
 
 from severstal import CLASS_IDS
 from severstal.data.annotations import read_annotations
-from severstal.data.folds import CLASS_COLUMNS, image_files, read_class_table
+from severstal.data.folds import CLASS_COLUMNS, image_files, masks_csv, read_class_table
 from severstal.data.instances import DEFAULT_CONNECTIVITY, rles_to_instances
 from severstal.data.rle import SHAPE, parse_rles
 from severstal.files import REAL_LABELS_CSV, REAL_MASKS_CSV, TRAIN_CSV, real_data_root
@@ -123,10 +123,7 @@ def load_dataset(root: str | Path) -> ExploreData:
         FileNotFoundError: neither CSV is in ``root``.
     """
     root = Path(root)
-    csv = next((root / name for name in (TRAIN_CSV, REAL_MASKS_CSV) if (root / name).is_file()), None)
-    if csv is None:
-        raise FileNotFoundError(f"{root}: no {TRAIN_CSV} or {REAL_MASKS_CSV}; point at a folder in Kaggle's layout")
-    annotations = read_annotations(csv)
+    annotations = read_annotations(masks_csv(root))
     images = image_files(root)
     if (root / REAL_LABELS_CSV).is_file():
         classes = read_class_table(root / REAL_LABELS_CSV)
