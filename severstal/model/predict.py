@@ -6,7 +6,7 @@ post-processing and differs only in running the network:
     preprocess (decode, resize)  ->  backend.run  ->  postprocess (rescale boxes, flip-merge, paste masks)
     ->  Detections  ->  make_record (score thresholds, minimum areas, RLE)
 
-A record is the REST answer for one image (see DESIGN.md)::
+A record is the REST answer for one image (the README's curl stage shows one)::
 
     {"height": 256, "width": 1600,
      "defects": [{"class_id": 3, "score": 0.97, "bbox": [x0, y0, x1, y1], "area": 5123, "rle": "..."}],
