@@ -108,7 +108,7 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
     batch (a change in the machine's load hits all alike); a batch's time divided by its size is one
     sample, and ``p50_ms`` is the median sample (milliseconds per image). PyTorch, ONNX Runtime and OpenVINO
     use the same number of threads. On cores shared with other work PyTorch's OpenMP threads spin-wait unless
-    ``OMP_WAIT_POLICY=PASSIVE`` is set before Python starts (measured on 2 busy cores: 7x slower), so the
+    ``OMP_WAIT_POLICY=PASSIVE`` is set before Python starts (docs/cpu-speed.md says by how much), so the
     result records that variable and the load average. ``dice_vs_torch`` compares each variant's class
     masks with PyTorch fp32's (mean Dice over every (image, class) pair; 1.0 is identical) and ``keeps_answers``
     says whether it reaches :data:`PARITY_DICE`; ``detections`` counts the defects of the records (a parity

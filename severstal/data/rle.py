@@ -247,7 +247,7 @@ def rle_to_mask(rle: str | float | None, shape: tuple[int, int] = SHAPE) -> np.n
     values = np.zeros(counts.size, np.uint8)
     values[1::2] = 1
     flat = np.repeat(values, counts)
-    # OpenCV transposes uint8 about 10x faster than numpy's strided copy.
+    # OpenCV transposes uint8 faster than numpy's strided copy does.
     return cv2.transpose(flat.reshape(width, height))
 
 

@@ -18,14 +18,14 @@ tensorrt    :class:`TensorRTBackend`       ``.engine`` / ``.plan``
 ``severstal predict``, the TorchServe handler and ``Predictor.from_weights`` all follow it and log it):
 
 * the backend runs the model file: a ``.pth`` only runs on PyTorch (export it for the others), an engine
-  only on TensorRT; an ``.onnx`` runs on ONNX Runtime (:data:`ONNX_DEFAULT`, measured fastest on the CPUs
-  we had; OpenVINO runs it when asked);
+  only on TensorRT; an ``.onnx`` runs on ONNX Runtime (:data:`ONNX_DEFAULT`, the fastest that
+  ``severstal bench predict`` found on the CPUs it ran on; OpenVINO runs it when asked);
 * the precision is fp32, or fp16 autocast on a GPU when ``fp16`` is asked. PyTorch's bf16 backbone
   (:func:`bf16_backbone`) runs when asked, on a CPU with bf16 instructions (AVX512-BF16 or AMX, read from
-  the CPU's flags, :func:`cpu_has_bf16`; elsewhere it is emulated and ~8x slower). It is not the default:
-  on 2 AMX cores it was only 1.04x faster end to end, and although it kept a trained model's answers
-  (Dice 0.9995 against fp32, ``severstal bench predict``) it moved those of the barely trained test model
-  (0.982-0.995, ``tests/test_precision.py``), whose many detections sit at their thresholds.
+  the CPU's flags, :func:`cpu_has_bf16`; elsewhere it is emulated and slower). It is not the default: its
+  gain end to end is small (the backbone is about half the time), and although it keeps a trained model's
+  answers it moves those of a barely trained model, whose many detections sit at their thresholds
+  (``tests/test_precision.py``). The figures, with their commands: docs/cpu-speed.md.
 * ``$SEVERSTAL_PRECISION`` asks a precision wherever none is passed (the handler), as ``--precision`` does.
 
 The exported graph takes one image per call (see :mod:`severstal.model.export`); the ONNX Runtime and TensorRT
@@ -239,9 +239,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4 and later)
 or AMX (Sapphire Rapids and later)."""
 ONNX_DEFAULT = "onnxruntime"
-"""The backend an ``.onnx`` model runs on by default. Measured with ``severstal bench predict`` against PyTorch
-fp32, end to end: ONNX Runtime 1.41x and OpenVINO fp32 1.19x on 2 Intel cores with AMX, 1.28x and 0.91x on 2
-AMD Zen 3 cores (README, *Backends and precision on a CPU*); OpenVINO runs when asked (``--backend openvino``)."""
+"""The backend an ``.onnx`` model runs on by default: the faster of the two against PyTorch fp32 end to end in
+``severstal bench predict`` on every CPU it was run on (docs/cpu-speed.md); OpenVINO runs when asked
+(``--backend openvino``)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -415,8 +415,8 @@ class OnnxRuntimeBackend:
 
     Session options: all graph optimisations; sequential execution (the graph is a chain: parallel
     execution only adds scheduling on a few cores); no spin-waiting of idle intra-op threads, which
-    would take the cores from the post-processing that follows each run (measured: 20-30% slower
-    network time on 2 busy cores with spinning on).
+    would take the cores from the post-processing that follows each run (on busy cores it slows the
+    network itself).
     """
 
     def __init__(self, onnx_path: str | Path, providers: list | None = None, device: str = "cpu",

@@ -15,8 +15,8 @@ is the client's own fault and is never retried, nor is another 500 (the model fa
 would again).
 
 With the defaults (5 retries from 0.5 s, doubled, at most 8 s apart) a request survives about 15 s without
-an answer: a killed worker restarts in 3-6 s on a CPU, so no request of :func:`post_image` is lost to it
-(``severstal bench soak --kill-worker-at``).
+an answer, longer than a killed worker takes to restart on a CPU, so no request of :func:`post_image` is lost
+to it (``severstal bench soak --kill-worker-at`` measures it; docs/serving.md).
 """
 
 from __future__ import annotations
