@@ -41,6 +41,18 @@ def no_precision_env(monkeypatch):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
 
 
+@pytest.mark.parametrize("name, value", [("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                                         ("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")])
+def test_kernels_capped_below_bf16_count_as_no_bf16(monkeypatch, name, value):
+    monkeypatch.setattr(backends, "cpu_flags", lambda: AMX)
+    assert cpu_has_bf16()
+    monkeypatch.setenv(name, value)
+    assert not cpu_has_bf16()
+    assert cpu_has_bf16(AMX)  # another CPU's flags are judged without this process's settings
+    monkeypatch.setenv(name, "AVX512_CORE_AMX" if name == "ONEDNN_MAX_CPU_ISA" else "avx512")
+    assert cpu_has_bf16()
+
+
 def test_fp32_is_the_default_and_bf16_runs_when_asked(monkeypatch):
     assert cpu_has_bf16(AMX) and not cpu_has_bf16(AVX2)
     assert str(choose_backend("run/model_final.pth", flags=AMX)) == "torch fp32 (runs the model file; torch's default)"

@@ -258,9 +258,22 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+ISA_CAPS_WITHOUT_BF16 = {
+    "ATEN_CPU_CAPABILITY": ("default", "avx2"),
+    "ONEDNN_MAX_CPU_ISA": ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"),
+}
+"""Settings that make PyTorch run kernels below bfloat16 (as on an AVX2-only CPU) on a CPU that has it."""
+
+
 def cpu_has_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether the CPU computes bfloat16 natively (any of :data:`BF16_FLAGS`); without it bf16 is emulated."""
-    return bool(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    """Whether PyTorch computes bfloat16 natively here: the CPU has one of :data:`BF16_FLAGS` and no setting of
+    :data:`ISA_CAPS_WITHOUT_BF16` holds its kernels below them (then bf16 would be emulated). ``flags`` stands for
+    another CPU's flags, without the settings of this process."""
+    if flags is None:
+        capped = any(os.environ.get(name, "").strip().upper() in (v.upper() for v in values)
+                     for name, values in ISA_CAPS_WITHOUT_BF16.items())
+        return not capped and bool(set(BF16_FLAGS) & cpu_flags())
+    return bool(set(BF16_FLAGS) & flags)
 
 
 @dataclass(frozen=True)
