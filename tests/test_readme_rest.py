@@ -1,8 +1,9 @@
-"""Every REST example of the README runs as written against a real server.
+"""Every REST example of the README and of docs/serving.md runs as written against a real server.
 
-The README's "Archive and serve" stage shows three ``bash`` blocks: archive and ``severstal serve``; the
-curl calls to that server; and TorchServe's own ``torchserve --start`` with the project's config.properties,
-its curl calls and ``torchserve --stop``. This test runs them in a scratch folder laid out as the README's
+The README's "Archive and serve" and "Curl" stages show archive and ``severstal serve`` and the curl calls to
+that server; docs/serving.md shows TorchServe's own ``torchserve --start`` with the project's config.properties,
+its curl calls and ``torchserve --stop``, the Open Inference Protocol's curl and Python calls, and
+``severstal serve --engine ray``. This test runs them in a scratch folder laid out as the README's
 earlier stages leave it (``runs/small``, ``data/synthetic/train_images``), changing only the ports (8080..8085
 become a free block) and adding ``-o``/``-w`` to each curl line to read its body and HTTP status. Each server
 gets its own TMPDIR, LOG_LOCATION and ports, so it runs beside any other TorchServe.
@@ -31,18 +32,22 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = (README, ROOT / "docs" / "serving.md")
+"""Where the REST examples are, searched in this order."""
 README_PORTS = range(8080, 8086)
 """The ports the README and config.properties name: inference, management, metrics, gRPC x2, workers."""
 
 
 def bash_blocks() -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    return [block for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
 
 
 def block_with(words: str, curl: bool = True) -> str:
-    """The README's bash block that holds ``words`` (and a curl call when ``curl``); fails naming what is missing."""
+    """The first bash block of :data:`PAGES` that holds ``words`` (and a curl call when ``curl``); fails naming
+    what is missing."""
     found = [b for b in bash_blocks() if words in b and (not curl or "\ncurl " in "\n" + b)]
-    assert found, f"the README has no bash block with {words!r}" + (" and a curl call" if curl else "")
+    pages = " or ".join(str(page.relative_to(ROOT)) for page in PAGES)
+    assert found, f"no bash block of {pages} holds {words!r}" + (" and a curl call" if curl else "")
     return found[0]
 
 
