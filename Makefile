@@ -55,7 +55,7 @@ bench: install
 graphs: install
 	$(VENV)/bin/severstal plots --out graphs --images-out images $$(test -d $(DEMO_DIR)/run && echo --run $(DEMO_DIR)/run)
 
-# The GPU path in one command, at most 8 minutes. An offline GPU machine brings its own .venv (README: what to
+# The GPU path in one command, at most 8 minutes. An offline GPU machine brings its own .venv (docs/gpu.md: what to
 # carry), so an existing .venv is used as it is and only a missing one is installed.
 gpu-check:
 	test -x $(PY) || $(MAKE) install

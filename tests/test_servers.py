@@ -82,7 +82,7 @@ def test_tritonclient_gets_the_class_masks_of_predictions_and_the_protocols_erro
         assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1]}]
         assert [o["name"] for o in meta["outputs"]] == list(oip.OUTPUTS)
         assert client.is_model_ready("severstal")
-    else:  # TorchServe 0.12's REST has no model metadata or readiness route (its gRPC has): README "Serving"
+    else:  # TorchServe 0.12's REST has no model metadata or readiness route (its gRPC has): docs/serving.md
         with pytest.raises(InferenceServerException):
             client.get_model_metadata("severstal")
 

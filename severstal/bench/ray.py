@@ -6,8 +6,8 @@ Both sides do the same work: read the files, predict, write the submission. The 
 own line). A Ray run also pays a fixed cost that does not grow with the images (actors start and load the
 model, Ray Data plans the run): a one-image run measures it, and ``ray, steady`` is the run minus that cost,
 the rate a long run approaches (compare it with ``single process``; ``ray, whole run`` compares with
-``single process + model load``). On one machine the goal is Ray's steady rate within 15% of the single process;
-across machines the rate grows with the actors (see the README).
+``single process + model load``). On one machine Ray's steady rate is what to compare with the single process;
+across machines the rate grows with the actors (docs/scale.md).
 """
 
 from __future__ import annotations

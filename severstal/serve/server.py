@@ -45,7 +45,7 @@ WORKER_ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
     # glibc gives threads that allocate at the same time arenas of their own (up to 8 per core), each of
     # which keeps freed memory fragmented and resident; PyTorch's intra-op threads all allocate. Two arenas
-    # bound what a worker can hold that way, at no measured cost (severstal bench soak; README "Troubleshooting").
+    # bound what a worker can hold that way, at no measured cost (severstal bench soak; docs/troubleshooting.md).
     "MALLOC_ARENA_MAX": "2",
 }
 """Environment of the server and so of its workers; values already in the environment win."""
