@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA = ROOT.parent / "shared" / "data" / "severstal-real"
+from severstal.files import real_data_root
 
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """The real competition sample beside the checkout; skips only where it is absent outside CI."""
-    if not REAL_DATA.is_dir():
+    """The real competition sample (``severstal.files.real_data_root``: ``$SEVERSTAL_REAL_DATA``, else beside the
+    checkout); skips only where it is absent outside CI."""
+    folder = real_data_root()
+    if not folder.is_dir():
         if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing at {REAL_DATA}: CI must run the real-data tests")
-        pytest.skip(f"real data not found at {REAL_DATA}")
-    return REAL_DATA
+            pytest.fail(f"real data missing at {folder}: CI must run the real-data tests")
+        pytest.skip(f"real data not found at {folder}")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +32,14 @@ def scratch_run(tmp_path_factory) -> Path:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.files import CONFIG_FILE, WEIGHTS_FILE
+    from severstal.model.config import get_severstal_cfg
 
     folder = tmp_path_factory.mktemp("scratch_run")
     torch.manual_seed(0)
     cfg = get_severstal_cfg("small", ["MODEL.DEVICE", "cpu", "SEVERSTAL.SCORE_THRESHOLDS", "[0.1, 0.1, 0.1, 0.1]",
                                       "TEST.DETECTIONS_PER_IMAGE", "10"])
-    DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save("model_final")
+    DetectionCheckpointer(build_model(cfg), save_dir=str(folder)).save(Path(WEIGHTS_FILE).stem)
     (folder / CONFIG_FILE).write_text(cfg.dump())
     return folder
 
@@ -73,15 +75,11 @@ def low_floor_run(trained_run, tmp_path_factory) -> Path:
     Six iterations leave every real-image score under the usual 0.05 floor; this copy keeps the weakest
     detections so that exported and PyTorch outputs have something to compare. ``trained_run`` is untouched.
     """
-    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.run import copy_run
 
-    folder = tmp_path_factory.mktemp("low_floor_run")
-    (folder / "model_final.pth").symlink_to(trained_run / "model_final.pth")
-    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001",
-                                                        "TEST.DETECTIONS_PER_IMAGE", "20",
-                                                        "SEVERSTAL.SCORE_THRESHOLDS", "[0.005, 0.005, 0.005, 0.005]"])
-    (folder / CONFIG_FILE).write_text(cfg.dump())
-    return folder
+    return copy_run(trained_run, tmp_path_factory.mktemp("low_floor_run"),
+                    ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001", "TEST.DETECTIONS_PER_IMAGE", "20",
+                     "SEVERSTAL.SCORE_THRESHOLDS", "[0.005, 0.005, 0.005, 0.005]"])
 
 
 @pytest.fixture(scope="session")

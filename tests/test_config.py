@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from severstal.model.config import (
     NAMED_CONFIGS,
-    THRESHOLDS_FILE,
     get_severstal_cfg,
     load_bundle,
     resolve_config,
     use_scratch_weights,
 )
+from severstal.model.run import Thresholds, copy_run
 
 
 @pytest.mark.parametrize("name", sorted(NAMED_CONFIGS))
@@ -69,12 +67,8 @@ def test_bundle_reloads_config_and_applies_tuned_thresholds(scratch_run, tmp_pat
     bundle = load_bundle(scratch_run / "model_final.pth", device="cpu")
     assert bundle.folder == scratch_run and bundle.cfg.MODEL.RESNETS.DEPTH == 18
     assert list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS) == [0.1] * 4
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("config.yaml", "model_final.pth"):
-        (run / name).write_bytes((scratch_run / name).read_bytes())
-    tuned = {"score_thresholds": [0.3, 0.4, 0.5, 0.6], "min_areas": [5, 6, 7, 8]}
-    (run / THRESHOLDS_FILE).write_text(json.dumps(tuned))
+    run = copy_run(scratch_run, tmp_path / "run")
+    Thresholds(score_thresholds=[0.3, 0.4, 0.5, 0.6], min_areas=[5, 6, 7, 8]).write(run)
     tuned = load_bundle(run)
     assert list(tuned.cfg.SEVERSTAL.SCORE_THRESHOLDS) == [0.3, 0.4, 0.5, 0.6]
     assert list(tuned.cfg.SEVERSTAL.MIN_AREAS) == [5, 6, 7, 8]

@@ -142,13 +142,9 @@ def test_a_failing_simplifier_keeps_the_unsimplified_graph(monkeypatch, caplog):
 def test_images_without_detections_match_pytorch(trained_run, real_data, tmp_path):
     """With a score floor no detection reaches, the exported graph answers empty outputs like PyTorch
     (a GroupNorm mask head used to fail there in ONNX Runtime)."""
-    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.run import copy_run
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model_final.pth").symlink_to(trained_run / "model_final.pth")
-    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
-    (run / CONFIG_FILE).write_text(cfg.dump())
+    run = copy_run(trained_run, tmp_path / "run", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
     export_onnx(run, tmp_path / "onnx")
     tensors = [Predictor.from_weights(tmp_path / "onnx", device="cpu").preprocess(image)
                for image in real_images(real_data, 2)]
@@ -210,15 +206,12 @@ def test_tensorrt_engine_matches_pytorch(onnx_export, low_floor_run, real_data, 
 
 def test_an_export_freezes_the_lowest_tuned_threshold_as_its_floor(low_floor_run, onnx_export, real_data, tmp_path):
     from severstal.cli import main
-    from severstal.model.config import CONFIG_FILE, THRESHOLDS_FILE
     from severstal.model.export import export_score_floor
+    from severstal.model.run import Thresholds, copy_run
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model_final.pth").symlink_to(low_floor_run / "model_final.pth")
-    (run / CONFIG_FILE).symlink_to(low_floor_run / CONFIG_FILE)
+    run = copy_run(low_floor_run, tmp_path / "run")
     assert export_score_floor(load_bundle(run, device="cpu")) == pytest.approx(0.001)  # untuned: the config's
-    (run / THRESHOLDS_FILE).write_text(json.dumps({"score_thresholds": [0.3, 0.02, 0.4, 0.5], "min_areas": [0] * 4}))
+    Thresholds(score_thresholds=[0.3, 0.02, 0.4, 0.5], min_areas=[0] * 4).write(run)
     assert export_score_floor(load_bundle(run, device="cpu")) == pytest.approx(0.02)
 
     # A floor that drops about half of the rows of the export with the config's floor (0.001).

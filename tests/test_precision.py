@@ -145,15 +145,11 @@ def test_openvino_matches_pytorch_fp32_on_real_images(onnx_export, low_floor_run
 
 @needs_openvino
 def test_openvino_handles_images_without_detections_and_caps(trained_run, onnx_export, real_data, tmp_path):
-    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
     from severstal.model.export import export_onnx
+    from severstal.model.run import copy_run
 
     image = real_images(real_data, 1)[0]
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model_final.pth").symlink_to(trained_run / "model_final.pth")
-    cfg = get_severstal_cfg(trained_run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
-    (run / CONFIG_FILE).write_text(cfg.dump())
+    run = copy_run(trained_run, tmp_path / "run", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.999"])
     path = export_onnx(run, tmp_path / "plain")  # a score floor that no detection reaches
     predictor = Predictor.from_weights(path.parent, device="cpu", backend="openvino")
     [raw] = predictor.backend.run([predictor.preprocess(image)])

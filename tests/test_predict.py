@@ -83,6 +83,8 @@ def test_scratch_model_answers_in_the_contract(scratch_run, real_data):
     small = image[:128, :800].copy()
     records = predictor.predict([image, small])
     assert [(r["height"], r["width"]) for r in records] == [(256, 1600), (128, 800)]
+    # The low thresholds give random weights defects on both images, so the checks below check something.
+    assert all(len(r["defects"]) > 0 for r in records)
     for record in records:
         for d in record["defects"]:
             x0, y0, x1, y1 = d["bbox"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +16,7 @@ from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 from severstal.model.evaluation import ImageDetections, tune_thresholds
 from severstal.model.predict import Detections, Predictor, make_record
 from severstal.model.presence import PresenceRCNN, has_presence, presence_targets
+from severstal.model.run import Thresholds
 from severstal.serve.worker import ServingModel
 
 
@@ -51,8 +51,7 @@ def gated_run(tmp_path_factory, images):
     (folder / CONFIG_FILE).write_text(cfg.dump())
     presence = np.stack([d.presence for d in Predictor.from_weights(folder, device="cpu").detect(images)])
     gates = [float(v) for v in np.median(presence, axis=0)]
-    (folder / "thresholds.json").write_text(json.dumps({"score_thresholds": [0.1] * 4, "min_areas": [0] * 4,
-                                                        "presence_thresholds": gates}))
+    Thresholds(score_thresholds=[0.1] * 4, min_areas=[0] * 4, presence_thresholds=gates).write(folder)
     return folder
 
 

@@ -23,13 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_run(scratch_run, tmp_path_factory):
     """The scratch run with at most 10 detections per image: small answers keep the test fast on a CPU."""
-    from severstal.model.config import CONFIG_FILE, get_severstal_cfg
+    from severstal.model.run import copy_run
 
-    folder = tmp_path_factory.mktemp("small_run")
-    cfg = get_severstal_cfg(scratch_run / CONFIG_FILE, ["TEST.DETECTIONS_PER_IMAGE", "10"])
-    (folder / CONFIG_FILE).write_text(cfg.dump())
-    (folder / "model_final.pth").symlink_to(scratch_run / "model_final.pth")
-    return folder
+    return copy_run(scratch_run, tmp_path_factory.mktemp("small_run"), ["TEST.DETECTIONS_PER_IMAGE", "10"])
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,7 @@ def step_train(settings: CheckSettings, work: Path) -> dict:
 
     from severstal.data.datasets import register_data_dir, unregister
     from severstal.data.synth import make_synthetic_dataset
+    from severstal.files import CONFIG_FILE, WEIGHTS_FILE
     from severstal.model.train import TRAIN_SPLIT, SeverstalTrainer, setup_cfg
 
     cuda = cuda_missing(settings.device) is None
@@ -206,8 +207,8 @@ def step_train(settings: CheckSettings, work: Path) -> dict:
         warm = times[min(5, len(times) - 1):]
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         run.mkdir(parents=True, exist_ok=True)
-        trainer.checkpointer.save("model_final")
-        (run / "config.yaml").write_text(cfg.dump())
+        trainer.checkpointer.save(Path(WEIGHTS_FILE).stem)
+        (run / CONFIG_FILE).write_text(cfg.dump())
     finally:
         unregister(TRAIN_SPLIT)
         d2_log.setLevel(saved[0])
@@ -221,16 +222,10 @@ def step_train(settings: CheckSettings, work: Path) -> dict:
 
 def with_masks(run: Path, out: Path) -> Path:
     """A copy of ``run``'s model with lowered thresholds, so that a barely trained model has masks to compare."""
-    from severstal.files import CONFIG_FILE, WEIGHTS_FILE
-    from severstal.model.config import get_severstal_cfg
+    from severstal.model.run import copy_run
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WEIGHTS_FILE).write_bytes((run / WEIGHTS_FILE).read_bytes())
-    cfg = get_severstal_cfg(run / CONFIG_FILE, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01",
-                                                "SEVERSTAL.SCORE_THRESHOLDS", "[0.02, 0.02, 0.02, 0.02]",
-                                                "TEST.DETECTIONS_PER_IMAGE", "20"])
-    (out / CONFIG_FILE).write_text(cfg.dump())
-    return out
+    return copy_run(run, out, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01", "TEST.DETECTIONS_PER_IMAGE", "20",
+                               "SEVERSTAL.SCORE_THRESHOLDS", "[0.02, 0.02, 0.02, 0.02]"])
 
 
 def _predict_rows(result: dict, batch: int, skip_reference: bool = False, labels: dict | None = None) -> list[dict]:

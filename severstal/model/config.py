@@ -17,7 +17,8 @@ from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
 from severstal import CLASS_IDS
-from severstal.files import CONFIG_FILE, SPLIT_FILE, THRESHOLDS_FILE, model_file_in
+from severstal.files import CONFIG_FILE, SPLIT_FILE
+from severstal.model.run import Thresholds, checked_model_file
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +154,12 @@ def load_bundle(weights_or_folder: str | Path, device: str | None = None) -> Mod
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(weights_or_folder)
-    if path.is_dir():
-        folder, weights = path, model_file_in(path, device)
-    else:
-        folder, weights = path.parent, path
-    if not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights}")
-    config = folder / CONFIG_FILE
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: a training run saves it next to its weights")
-    cfg = get_severstal_cfg(config)
-    thresholds = folder / THRESHOLDS_FILE
-    if thresholds.is_file():
-        tuned = json.loads(thresholds.read_text())
-        cfg.SEVERSTAL.SCORE_THRESHOLDS = [float(t) for t in tuned["score_thresholds"]]
-        cfg.SEVERSTAL.MIN_AREAS = [int(a) for a in tuned["min_areas"]]
-        if "presence_thresholds" in tuned:
-            cfg.SEVERSTAL.PRESENCE_THRESHOLDS = [float(t) for t in tuned["presence_thresholds"]]
+    weights = checked_model_file(weights_or_folder, device)
+    folder = weights.parent
+    cfg = get_severstal_cfg(folder / CONFIG_FILE)
+    tuned = Thresholds.read(folder)
+    if tuned is not None:
+        tuned.apply(cfg)
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.DEVICE = device
     return ModelBundle(cfg=cfg, weights=weights, folder=folder)

@@ -29,6 +29,7 @@ from severstal.data.dice import dice_table
 from severstal.data.folds import LabelledImages, read_labelled_images, stratified_folds, write_training_folder
 from severstal.data.images import read_image
 from severstal.files import write_text_atomic
+from severstal.model.run import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,10 @@ def cross_validate(data: str | Path, out: str | Path, config: str | Path | None 
             training_data = write_training_folder(fold_dir / "data", images, train_ids)
             log.info("fold %d/%d: training on %d images, %d held out", k + 1, folds, len(train_ids), len(held_out))
             train(training_data, config, fold_dir / "run", opts=fold_opts, scratch=fold_scratch, evaluate_after=False)
-            tuned = evaluate(fold_dir / "run", tune=True)
+            evaluate(fold_dir / "run", tune=True)
             result = score_fold(fold_dir / "run", images, held_out)
             result.update(fold=k, seconds=round(time.perf_counter() - started, 1),
-                          **{key: tuned[key] for key in ("score_thresholds", "min_areas", "presence_thresholds")})
+                          **Thresholds.read(fold_dir / "run").per_class())
             write_text_atomic(done, json.dumps(result, indent=1))
         results.append(result)
         if on_fold is not None:

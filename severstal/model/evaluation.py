@@ -39,6 +39,7 @@ from severstal.model.predict import (
     make_record,
     passes_gate,
 )
+from severstal.model.run import Thresholds
 from severstal.viz.plots import plot_dice_per_class, plot_threshold_curves
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,9 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
 
 
 def save_thresholds(tuned: dict, folder: str | Path) -> Path:
-    """Write ``thresholds.json`` next to the weights, atomically."""
-
+    """Write what :func:`tune_thresholds` chose as the run's ``thresholds.json``, checked, atomically."""
     saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "presence_thresholds", "dice_per_class")}
-    return write_text_atomic(Path(folder) / THRESHOLDS_FILE, json.dumps(saved, indent=1))
+    return Thresholds.from_dict(saved, where=str(Path(folder) / THRESHOLDS_FILE)).write(folder)
 
 
 def detections_to_instances(det: Detections):

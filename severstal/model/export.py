@@ -41,7 +41,7 @@ from pathlib import Path
 
 from severstal.data.datasets import THING_CLASSES
 from severstal.data.rle import SHAPE
-from severstal.files import CONFIG_FILE, ENGINE_FILE, ONNX_FILE, SPLIT_FILE, THRESHOLDS_FILE, atomic_path
+from severstal.files import CONFIG_FILE, ENGINE_FILE, ONNX_FILE, atomic_path
 from severstal.model.backends import (
     INPUT_NAME,
     METADATA_KEYS,
@@ -54,6 +54,7 @@ from severstal.model.backends import (
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor
 from severstal.model.presence import has_presence
+from severstal.model.run import Thresholds, files_with_model
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +166,19 @@ def _simplify(model):
 
 
 def copy_run_files(bundle, out_dir: Path, model_name: str) -> None:
-    """Write the config (thresholds applied, weights = the exported file) and copy the run's
-    ``thresholds.json`` / ``split.json`` into ``out_dir``, unless it is the run's own folder."""
+    """Write the files that go with the model (``severstal.model.run.WITH_MODEL``) into ``out_dir``, unless it
+    is the run's own folder: the config with the thresholds applied and the exported file as its weights, and
+    copies of the others the run has."""
     if out_dir.resolve() == bundle.folder.resolve():
         return
     cfg = bundle.cfg.clone()
     cfg.MODEL.WEIGHTS = model_name
-    with atomic_path(out_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(cfg.dump())
-    for name in (THRESHOLDS_FILE, SPLIT_FILE):
-        if (bundle.folder / name).is_file():
-            with atomic_path(out_dir / name) as tmp:
-                shutil.copyfile(bundle.folder / name, tmp)
+    for path in files_with_model(bundle.folder):
+        with atomic_path(out_dir / path.name) as tmp:
+            if path.name == CONFIG_FILE:
+                tmp.write_text(cfg.dump())
+            else:
+                shutil.copyfile(path, tmp)
 
 
 def export_score_floor(bundle) -> float:
@@ -184,7 +186,7 @@ def export_score_floor(bundle) -> float:
     ``thresholds.json`` (nothing under it reaches an answer, and the mask head then runs only on what does),
     else the config's ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``. Never below the config's floor."""
     floor = float(bundle.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
-    if (bundle.folder / THRESHOLDS_FILE).is_file():
+    if Thresholds.read(bundle.folder) is not None:
         floor = max(floor, min(float(t) for t in bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS))
     return floor
 
@@ -222,9 +224,7 @@ def export_onnx(weights_or_folder: str | Path, out_dir: str | Path, opset: int =
         model_proto = _simplify(model_proto)
     metadata = {
         METADATA_KEYS["config"]: cfg.dump(),
-        METADATA_KEYS["thresholds"]: json.dumps({"score_thresholds": list(cfg.SEVERSTAL.SCORE_THRESHOLDS),
-                                                 "min_areas": list(cfg.SEVERSTAL.MIN_AREAS),
-                                                 "presence_thresholds": list(cfg.SEVERSTAL.PRESENCE_THRESHOLDS)}),
+        METADATA_KEYS["thresholds"]: json.dumps(Thresholds.from_cfg(cfg).to_dict()),
         METADATA_KEYS["class_names"]: json.dumps(list(THING_CLASSES)),
         METADATA_KEYS["detections_per_image"]: str(cfg.TEST.DETECTIONS_PER_IMAGE),
         METADATA_KEYS["source"]: bundle.weights.name,

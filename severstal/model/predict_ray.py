@@ -39,10 +39,10 @@ except ImportError as err:  # pragma: no cover - the message is the point
 from severstal import CLASS_IDS
 from severstal.data.annotations import IMAGE_SUFFIXES, list_images
 from severstal.data.images import decode_image
-from severstal.files import CONFIG_FILE, THRESHOLDS_FILE
 from severstal.model.backends import choose_backend
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor, predict_readable, submission_summary, unreadable_record
+from severstal.model.run import files_with_model
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ class PredictActor:
     """One model replica of the actor pool: loads the model once, then predicts batches of files' bytes.
 
     Args:
-        model_files: the run (or export) folder's files by name (model file, ``config.yaml``,
-            ``thresholds.json``), written to a local temporary folder and loaded from there.
+        model_files: the run (or export) folder's files by name (the model file and those that go with it,
+            ``severstal.model.run.WITH_MODEL``), written to a local temporary folder and loaded from there.
         model_name: which of them is the model file.
         device: "cuda" (the GPU Ray gave this actor) or "cpu".
         threads: PyTorch's CPU threads in this actor (Ray's fractional CPUs do not limit them).
@@ -181,9 +181,7 @@ def _failing(message: str):
 def _model_files(weights: str | Path) -> tuple[dict[str, bytes], str]:
     """The files a worker needs to load ``weights`` (validated here, on the driver, with a clear error)."""
     bundle = load_bundle(weights, device="cpu")
-    files = {bundle.weights.name: bundle.weights.read_bytes(), CONFIG_FILE: (bundle.folder / CONFIG_FILE).read_bytes()}
-    if (bundle.folder / THRESHOLDS_FILE).is_file():
-        files[THRESHOLDS_FILE] = (bundle.folder / THRESHOLDS_FILE).read_bytes()
+    files = {path.name: path.read_bytes() for path in [bundle.weights, *files_with_model(bundle.folder)]}
     return files, bundle.weights.name
 
 

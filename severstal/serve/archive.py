@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from severstal.files import CONFIG_FILE, THRESHOLDS_FILE, backend_for, backends_for, model_file_in
+from severstal.files import backend_for, backends_for
+from severstal.model.run import checked_model_file, files_with_model
 from severstal.serve import HANDLER_FILE, MODEL_CONFIG_FILE, torchserve_file
 from severstal.serve.worker import HandlerSettings
 
@@ -63,13 +64,13 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
             model_config: str | Path | None = None, also: list[Path] | tuple[Path, ...] = ()) -> Path:
     """Build ``out_dir/NAME.mar`` with torch-model-archiver.
 
-    The archive holds the weights, the run's ``config.yaml`` (and ``thresholds.json`` when present), the
-    handler and ``model-config.yaml``; the handler imports the installed ``severstal`` package. An exported
-    ``model.onnx`` (``severstal export``) is archived the same way and served with ONNX Runtime unless the
-    handler block's ``backend`` says otherwise.
+    The archive holds the weights, the files that go with them (``config.yaml``, and ``thresholds.json`` and
+    ``split.json`` when present: ``severstal.model.run.WITH_MODEL``), the handler and ``model-config.yaml``; the
+    handler imports the installed ``severstal`` package. An exported ``model.onnx`` (``severstal export``) is
+    archived the same way and served with ONNX Runtime unless the handler block's ``backend`` says otherwise.
 
     Args:
-        weights: a weights file or exported model, or its folder (``severstal.model.config.MODEL_FILES``).
+        weights: a weights file or exported model, or its folder (``severstal.files.MODEL_FILES``).
         out_dir: the model store to write to (created).
         name: the model name, the ``/predictions/NAME`` path.
         version: the model version.
@@ -81,14 +82,7 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
         The path of the archive.
     """
 
-    weights = Path(weights)
-    if weights.is_dir():
-        weights = model_file_in(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights}")
-    config = weights.parent / CONFIG_FILE
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: a training run saves it next to its weights")
+    weights = checked_model_file(weights)
     if not _MODEL_NAME.fullmatch(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
     model_config = Path(model_config) if model_config else MODEL_CONFIG_FILE
@@ -97,7 +91,7 @@ def archive(weights: str | Path, out_dir: str | Path, name: str = "severstal", v
         raise ValueError(f"{model_config} sets backend {backend!r}, which cannot run {weights.name} "
                          f"(a {backend_for(weights)!r} model): set backend to null or one of "
                          f"{list(backends_for(weights))}")
-    extra = [config] + [p for p in [weights.parent / THRESHOLDS_FILE] if p.is_file()] + [Path(p) for p in also]
+    extra = [*files_with_model(weights.parent), *(Path(p) for p in also)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "model_archiver.model_packaging",

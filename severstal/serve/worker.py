@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from severstal import CLASS_IDS
 from severstal.data.images import MAX_PIXELS, ImageError, decode_image
 from severstal.files import BACKENDS, WEIGHTS_FILE
+from severstal.model.run import check_per_class
 from severstal.serve import oip
 
 log = logging.getLogger(__name__)
@@ -410,16 +410,11 @@ class HandlerSettings:
         unknown = sorted(set(block) - set(allowed))
         if unknown:
             raise ValueError(f"handler settings: unknown {unknown}; allowed: {allowed}")
-        n = len(CLASS_IDS)
-        thresholds, areas = block.get("score_thresholds"), block.get("min_areas")
-        if thresholds is not None:
-            thresholds = tuple(float(t) for t in thresholds)
-            if len(thresholds) != n or not all(0.0 <= t <= 1.0 for t in thresholds):
-                raise ValueError(f"handler settings: score_thresholds needs {n} values in [0, 1], got {thresholds}")
-        if areas is not None:
-            areas = tuple(int(a) for a in areas)
-            if len(areas) != n or min(areas) < 0:
-                raise ValueError(f"handler settings: min_areas needs {n} values >= 0, got {areas}")
+        try:  # the rule of a run's thresholds.json (severstal.model.run.Thresholds)
+            thresholds, areas = (None if block.get(name) is None else check_per_class(name, block[name])
+                                 for name in ("score_thresholds", "min_areas"))
+        except ValueError as err:
+            raise ValueError(f"handler settings: {err}") from None
         max_detections = block.get("max_detections")
         if max_detections is not None and (not isinstance(max_detections, int) or max_detections < 1):
             raise ValueError(f"handler settings: max_detections must be a positive integer, got {max_detections!r}")
