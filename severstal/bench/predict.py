@@ -57,7 +57,7 @@ def available_variants(device: str = "cpu") -> list[tuple[str, str]]:
     """Every backend installed here at fp32, and at each reduced precision this hardware computes natively.
 
     On a CPU: ONNX Runtime int8, and bf16 for torch where the CPU has bf16 instructions (elsewhere bf16 is emulated,
-    ~8x slower; ask for it by name to measure it anyway). On a GPU: torch fp16, and TensorRT where it runs.
+    several times slower; ask for it by name to measure it anyway). On a GPU: torch fp16, and TensorRT where it runs.
     """
     cpu = not str(device).startswith("cuda")
     variants = [REFERENCE]

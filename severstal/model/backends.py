@@ -115,7 +115,7 @@ class TorchBackend:
         cfg: a Severstal config; ``MODEL.WEIGHTS`` is loaded and ``MODEL.DEVICE`` chosen.
         fp16: half precision on a GPU (autocast); ignored on a CPU. Same as ``precision="fp16"`` on a GPU.
         precision: "fp32", "bf16" (backbone autocast to bfloat16: fast on CPUs with AVX512-BF16 or AMX,
-            emulated and ~8x slower elsewhere) or "fp16" (GPU autocast of the whole model); None: from ``fp16``.
+            emulated, much slower, elsewhere) or "fp16" (GPU autocast of the whole model); None: from ``fp16``.
     """
 
     def __init__(self, cfg, fp16: bool = False, precision: str | None = None):
