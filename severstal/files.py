@@ -22,7 +22,7 @@ TEST_IMAGES = "test_images"
 DATA_ROOT_ENV = "SEVERSTAL_DATA"
 DEFAULT_DATA_ROOT = "datasets/severstal"
 
-# A training run folder.
+# A training run folder (what goes with a model, and what thresholds.json holds: severstal.model.run).
 WEIGHTS_FILE = "model_final.pth"
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"

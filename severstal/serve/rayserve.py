@@ -95,7 +95,8 @@ class StoredModel:
     Attributes:
         name, version: the manifest's ``modelName`` and ``modelVersion`` (the routes' NAME).
         serialized_file: the weights file among ``files`` (the manifest's ``serializedFile``).
-        files: file name -> bytes: the weights, ``config.yaml``, ``thresholds.json``, ``model-config.yaml``.
+        files: file name -> bytes: the weights, the files that go with them (``severstal.model.run.WITH_MODEL``),
+            ``model-config.yaml``.
         config: ``model-config.yaml`` (``batchSize``, ``maxBatchDelay`` in ms, ``minWorkers``, ``handler``).
     """
 
