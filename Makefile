@@ -11,13 +11,13 @@ PIP_VERSION := 26.2.1
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: help install java demo test bench graphs gpu-check clean
+.PHONY: help install java demo test bench figures gpu-check clean
 
 help:
 	@echo "make demo    synthetic data -> train -> evaluate -> predict -> archive -> serve (installs first)"
 	@echo "make test    ruff, then the test suite (installs first)"
 	@echo "make bench   severstal bench convert: RLE -> COCO instances vs the pixel pipeline, real masks"
-	@echo "make graphs  figures of the real sample (graphs/, images/), with the demo's run when there is one"
+	@echo "make figures the real sample's figures (graphs/) and the README's pictures (images/), with the demo's run if any"
 	@echo "make gpu-check  on an NVIDIA GPU: GPU tests and one table (train AMP, fp16, TorchServe, ONNX Runtime, TensorRT)"
 	@echo "make install only the virtual environment .venv"
 
@@ -52,8 +52,8 @@ bench: install
 	$(VENV)/bin/severstal bench convert
 
 # Figures of the real sample (graphs/) and the README's pictures (images/); with the demo's run when there is one.
-graphs: install
-	$(VENV)/bin/severstal plots --out graphs --images-out images $$(test -d $(DEMO_DIR)/run && echo --run $(DEMO_DIR)/run)
+figures: install
+	$(VENV)/bin/severstal figures --out graphs --images-out images $$(test -d $(DEMO_DIR)/run && echo --run $(DEMO_DIR)/run)
 
 # The GPU path in one command, at most 8 minutes. An offline GPU machine brings its own .venv (docs/gpu.md: what to
 # carry), so an existing .venv is used as it is and only a missing one is installed.

@@ -2,7 +2,11 @@
 
 The package is laid out by stage, each importing only the stages below it::
 
-    files (names, atomic writes)  ->  data  ->  viz  ->  model  ->  serve  ->  cli, demo, figures, bench
+    files (names, atomic writes)  ->  data  ->  model  ->  serve  ->  cli, commands, demo, figures, bench
+                                                       ->  viz    ->
+
+``viz`` is the only stage that draws: the model returns data, and ``viz`` (beside ``serve``) draws it for the
+commands on top.
 
 ``import severstal`` stays light (no torch, no Detectron2, no pandas): the names below are loaded on first use.
 

@@ -56,6 +56,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     from severstal.model.predict import predict_folder
     from severstal.model.train import train
     from severstal.serve.archive import archive, export_for_serving
+    from severstal.viz.draw import overlay_writer, plot_evaluation
 
     s = settings or DemoSettings()
     out = Path(out)
@@ -77,10 +78,11 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     opts = ["SOLVER.MAX_ITER", str(s.max_iter), "SEED", str(s.seed), "SOLVER.AMP.ENABLED", str(bf16), *s.opts]
     weights = stage("train", train, data, s.config, run, opts, evaluate_after=False)  # evaluate is the next stage
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
+    plot_evaluation(metrics, run / "eval")
     models, int8 = stage("export", export_for_serving, weights, data / TRAIN_IMAGES)
     served_model = models[-1]  # int8 where its answers held, else fp32 ONNX
     submission = stage("predict", predict_folder, served_model, holdout / TRAIN_IMAGES, out / "submission.csv",
-                       overlays=out / "overlays")
+                       on_record=overlay_writer(out / "overlays"))
     submission["holdout_dice"], submission["holdout_empty_baseline"] = holdout_dice(out / "submission.csv",
                                                                                    holdout / TRAIN_CSV)
     mar = stage("archive", archive, served_model, out / "model_store")

@@ -1,16 +1,16 @@
-"""The figures of ``graphs/`` and the pictures of ``images/``: what ``severstal plots`` (``make graphs``) writes.
+"""The figures of ``graphs/`` and the pictures of ``images/``: what ``severstal figures`` (``make figures``) writes.
 
 From a dataset (default: the real sample beside the repository) it writes the data figures; from a
 training run (e.g. ``demo/run`` after ``make demo``) the training curves, the Dice per class, the threshold
 curves, the latency per serving path and a prediction overlay. Statistics come from
-:mod:`severstal.viz.stats`, drawing from :mod:`severstal.viz.plots`.
+:mod:`severstal.viz.stats`, drawing from :mod:`severstal.viz.draw`. It reads the demo's folder (its report and
+held-out images), so it sits on top with the demo, the CLI and the benchmarks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +21,11 @@ from severstal.bench import latency_stats
 from severstal.demo import HOLDOUT_DIR, REPORT_FILE
 from severstal.files import EVALUATION_DIR, METRICS_FILE, TRAIN_IMAGES, WEIGHTS_FILE, real_data_root
 from severstal.files import EVALUATION_FILE as EVALUATION_NAME
-from severstal.viz import plots, stats
+from severstal.viz import draw, stats
 
 log = logging.getLogger(__name__)
 
 EVALUATION_FILE = Path(EVALUATION_DIR) / EVALUATION_NAME
-THRESHOLD_CURVES_FILE = Path(EVALUATION_DIR) / "threshold_curves.png"
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
@@ -58,7 +57,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 
 def latency_row(method: str, seconds: Sequence[float]) -> dict:
-    """Latency statistics of one serving path, one request at a time, as :func:`severstal.viz.plots.plot_latency`
+    """Latency statistics of one serving path, one request at a time, as :func:`severstal.viz.draw.plot_latency`
     draws them: ``{"method", **severstal.bench.latency_stats(seconds)}``."""
     return {"method": method, **latency_stats(seconds)}
 
@@ -104,7 +103,7 @@ def demo_latencies(run_dir: str | Path) -> list[dict] | None:
     return rows
 
 
-def write_data_graphs(data_dir: str | Path, out: str | Path, images_out: str | Path | None = None) -> list[Path]:
+def write_data_figures(data_dir: str | Path, out: str | Path, images_out: str | Path | None = None) -> list[Path]:
     """The data figures of a dataset into ``out``; with ``images_out`` also a real image per class there.
 
     Args:
@@ -120,31 +119,31 @@ def write_data_graphs(data_dir: str | Path, out: str | Path, images_out: str | P
     data = stats.load_dataset(data_dir)
     mask_stats = stats.mask_statistics(data.masks)
     written = [
-        plots.plot_class_balance(stats.class_balance(data), out / "class_balance.png"),
-        plots.plot_classes_per_image(stats.images_per_class_count(data.classes), out / "classes_per_image.png"),
-        plots.plot_defect_areas(mask_stats, out / "defect_areas.png"),
-        plots.plot_instances_per_image(stats.image_statistics(mask_stats), mask_stats, out / "instances_per_image.png"),
-        plots.plot_defect_positions(stats.defect_heatmaps(data.masks), out / "defect_positions.png"),
+        draw.plot_class_balance(stats.class_balance(data), out / "class_balance.png"),
+        draw.plot_classes_per_image(stats.images_per_class_count(data.classes), out / "classes_per_image.png"),
+        draw.plot_defect_areas(mask_stats, out / "defect_areas.png"),
+        draw.plot_instances_per_image(stats.image_statistics(mask_stats), mask_stats, out / "instances_per_image.png"),
+        draw.plot_defect_positions(stats.defect_heatmaps(data.masks), out / "defect_positions.png"),
     ]
     examples = stats.pick_examples(data, per_class=2)
-    written.append(plots.plot_examples(examples, out / "examples_per_class.png",
+    written.append(draw.plot_examples(examples, out / "examples_per_class.png",
                                        "Examples of each class (one row per class), masks overlaid"))
     free = stats.pick_defect_free(data, count=4)
     if free:
-        written.append(plots.plot_examples(free, out / "defect_free_examples.png", "Defect-free images"))
+        written.append(draw.plot_examples(free, out / "defect_free_examples.png", "Defect-free images"))
     if images_out is not None:
         first = {c: chosen[:1] for c, chosen in examples.items()}
-        written.append(plots.plot_examples(first, Path(images_out) / "real_classes.png",
+        written.append(draw.plot_examples(first, Path(images_out) / "real_classes.png",
                                            "A real image of each class, masks overlaid", ncols=1, panel_width=9.0))
     return written
 
 
-def write_run_graphs(run_dir: str | Path, out: str | Path,
+def write_run_figures(run_dir: str | Path, out: str | Path,
                      images_out: str | Path | None = None) -> tuple[list[Path], list[str]]:
     """The figures of a training run into ``out``: whatever the run holds.
 
-    ``training_curves.png`` (``metrics.json``), ``dice_per_class.png`` (``eval/evaluation.json``),
-    ``threshold_curves.png`` (copied from ``eval/``), ``latency.png`` (a demo run's report); with
+    ``training_curves.png`` (``metrics.json``), ``dice_per_class.png`` and ``threshold_curves.png``
+    (``eval/evaluation.json``, the curves after ``evaluate --tune``), ``latency.png`` (a demo run's report); with
     ``images_out`` also ``prediction.png``: truth beside prediction on two validation images.
 
     Returns:
@@ -154,30 +153,32 @@ def write_run_graphs(run_dir: str | Path, out: str | Path,
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist (make demo writes demo/run)")
     written, skipped = [], []
+    evaluation = json.loads((run_dir / EVALUATION_FILE).read_text()) if (run_dir / EVALUATION_FILE).is_file() else {}
     sources = [
         ("training_curves.png", run_dir / METRICS_FILE,
-         lambda: plots.plot_training_curves(read_metrics(run_dir), out / "training_curves.png")),
+         lambda: draw.plot_training_curves(read_metrics(run_dir), out / "training_curves.png")),
         ("dice_per_class.png", run_dir / EVALUATION_FILE,
-         lambda: plots.plot_dice_per_class(json.loads((run_dir / EVALUATION_FILE).read_text()),
-                                           out / "dice_per_class.png")),
-        ("threshold_curves.png", run_dir / THRESHOLD_CURVES_FILE,
-         lambda: Path(shutil.copyfile(run_dir / THRESHOLD_CURVES_FILE, out / "threshold_curves.png"))),
+         lambda: draw.plot_dice_per_class(evaluation, out / "dice_per_class.png")),
+        ("threshold_curves.png", run_dir / EVALUATION_FILE,
+         lambda: draw.plot_threshold_curves(evaluation["threshold_curves"], out / "threshold_curves.png")),
         ("latency.png", run_dir.parent / REPORT_FILE, lambda: _write_latency(run_dir, out / "latency.png")),
     ]
     if images_out is not None:
         sources.append(("prediction.png", run_dir / WEIGHTS_FILE,
                         lambda: write_prediction_image(run_dir, Path(images_out) / "prediction.png")))
     for name, needs, write in sources:
-        if needs.is_file():
-            written.append(write())
-        else:
+        if not needs.is_file():
             skipped.append(f"{name}: {needs} is missing")
+        elif name == "threshold_curves.png" and "threshold_curves" not in evaluation:
+            skipped.append(f"{name}: {needs} has no threshold curves (severstal evaluate --tune)")
+        else:
+            written.append(write())
     return written, skipped
 
 
 def _write_latency(run_dir: Path, path: Path) -> Path:
     rows = demo_latencies(run_dir)
-    return plots.plot_latency(rows, path, f"Latency per image, demo model on CPU ({rows[-1]['n']} images each)")
+    return draw.plot_latency(rows, path, f"Latency per image, demo model on CPU ({rows[-1]['n']} images each)")
 
 
 def write_prediction_image(run_dir: str | Path, path: str | Path, count: int = 2) -> Path:
@@ -186,10 +187,10 @@ def write_prediction_image(run_dir: str | Path, path: str | Path, count: int = 2
 
     scored = [s for s in score_images(run_dir) if s.truth]
     best = sorted(scored[-count:], key=lambda s: s.image_id)
-    return plots.plot_prediction_gallery(best, path, "Prediction (right) vs truth (left) on validation images")
+    return draw.plot_prediction_gallery(best, path, "Prediction (right) vs truth (left) on validation images")
 
 
-def write_graphs(out: str | Path, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
+def write_figures(out: str | Path, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
                  images_out: str | Path | None = None) -> dict:
     """Write every figure there is data for: the data figures, a run's figures, the README's pictures.
 
@@ -209,14 +210,14 @@ def write_graphs(out: str | Path, data_dir: str | Path | None = None, run_dir: s
     if data_dir is None:
         raise FileNotFoundError(f"no data: the real sample is not at {real_data_root()}; pass a folder in "
                                 "Kaggle's layout (--data)")
-    written = write_data_graphs(data_dir, out, images_out)
+    written = write_data_figures(data_dir, out, images_out)
     skipped = []
     if images_out is not None:
-        written.append(plots.plot_pipeline(Path(images_out) / "pipeline.png"))
+        written.append(draw.plot_pipeline(Path(images_out) / "pipeline.png"))
     if run_dir is None:
         skipped.append("run figures and the prediction picture: no run given (--run demo/run after `make demo`)")
     else:
-        run_written, run_skipped = write_run_graphs(run_dir, out, images_out)
+        run_written, run_skipped = write_run_figures(run_dir, out, images_out)
         written += run_written
         skipped += run_skipped
     for path in written:

@@ -22,7 +22,6 @@ from severstal.model.evaluation import (
     DiceEvaluator,
     ImageDetections,
     detections_to_instances,
-    evaluate,
     records_frame,
     tune_thresholds,
 )
@@ -82,10 +81,13 @@ def test_dice_evaluator_agrees_with_mean_dice_on_the_same_predictions(trained_ru
 
 
 @pytest.mark.slow
-def test_evaluate_with_tuning_reports_the_documented_keys_and_saves_thresholds(trained_run, tmp_path):
+def test_evaluate_with_tuning_reports_the_documented_keys_and_saves_thresholds(trained_run, tmp_path, capsys):
+    from severstal.cli import main
+
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    results = evaluate(run, tune=True)
+    assert main(["evaluate", "--weights", str(run), "--tune", "--json"]) == 0  # evaluate, then draw its figures
+    results = json.loads(capsys.readouterr().out.splitlines()[-1])
     for key in ("mean_dice", "dice_per_class", "dice_nonempty", "empty_baseline", "segm_AP", "bbox_AP",
                 "score_thresholds", "min_areas", "mean_dice_untuned"):
         assert key in results, key
@@ -95,6 +97,10 @@ def test_evaluate_with_tuning_reports_the_documented_keys_and_saves_thresholds(t
     saved = json.loads((run / "thresholds.json").read_text())
     assert saved["score_thresholds"] == results["score_thresholds"]
     assert list(load_bundle(run).cfg.SEVERSTAL.MIN_AREAS) == results["min_areas"]
+    curves = results["threshold_curves"]
+    assert curves["min_areas"] == list(MIN_AREA_GRID) and set(curves["dice"]) == {"1", "2", "3", "4"}
+    assert all(len(row) == len(MIN_AREA_GRID) for by_score in curves["dice"].values() for row in by_score.values())
+    assert set(json.loads((run / "eval" / "evaluation.json").read_text())) == set(results)
     for name in ("dice_per_class.png", "threshold_curves.png", "evaluation.json"):
         assert (run / "eval" / name).stat().st_size > 0
 

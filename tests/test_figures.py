@@ -1,4 +1,4 @@
-"""severstal.figures and ``severstal plots``: which figures a dataset and a run give; per-image scores.
+"""severstal.figures and ``severstal figures``: which figures a dataset and a run give; per-image scores.
 
 ``score_images`` (severstal.model.evaluation) is tested here, beside the gallery and the README picture that use it.
 """
@@ -35,8 +35,8 @@ def test_latency_row_by_hand():
         figures.latency_row("x", [])
 
 
-def test_plots_command_writes_the_data_figures_and_the_readme_pictures(real_data, tmp_path, capsys):
-    assert main(["plots", "--out", str(tmp_path / "graphs"), "--data", str(real_data),
+def test_figures_command_writes_the_data_figures_and_the_readme_pictures(real_data, tmp_path, capsys):
+    assert main(["figures", "--out", str(tmp_path / "graphs"), "--data", str(real_data),
                  "--images-out", str(tmp_path / "images")]) == 0
     written = {p.name for p in (tmp_path / "graphs").iterdir()}
     assert written == {"class_balance.png", "classes_per_image.png", "defect_areas.png", "instances_per_image.png",
@@ -53,11 +53,11 @@ def test_a_run_without_weights_gives_its_curves_and_dice_and_says_what_it_skips(
     (run / "metrics.json").write_text(json.dumps({"iteration": 19, "total_loss": 2.0, "loss_cls": 0.8}) + "\n")
     evaluation = {"mean_dice": 0.9, "empty_baseline": 0.85, "dice_per_class": {"1": 0.9, "2": 1.0, "3": 0.8, "4": 0.9}}
     (run / "eval" / "evaluation.json").write_text(json.dumps(evaluation))
-    written, skipped = figures.write_run_graphs(run, tmp_path / "graphs", tmp_path / "images")
+    written, skipped = figures.write_run_figures(run, tmp_path / "graphs", tmp_path / "images")
     assert sorted(p.name for p in written) == ["dice_per_class.png", "training_curves.png"]
     assert sorted(s.split(":")[0] for s in skipped) == ["latency.png", "prediction.png", "threshold_curves.png"]
     with pytest.raises(FileNotFoundError, match="make demo"):
-        figures.write_run_graphs(tmp_path / "absent", tmp_path / "graphs")
+        figures.write_run_figures(tmp_path / "absent", tmp_path / "graphs")
 
 
 def test_score_images_predicts_scores_and_sorts_worst_first(scratch_run, synthetic_data):

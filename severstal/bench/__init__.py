@@ -1,4 +1,4 @@
-"""Benchmarks: each a function that returns a result dict; the CLI prints it with :func:`format_table`.
+"""Benchmarks: each a function that returns a result dict; :mod:`.commands` holds their options and reports.
 
 Every benchmark times its subject against a reference measured in the same run, on the same inputs:
 
@@ -6,7 +6,11 @@ Every benchmark times its subject against a reference measured in the same run, 
 convert    Kaggle RLE -> COCO instances: run-based conversion vs the pixel pipeline (:mod:`.convert`)
 predict    prediction backends side by side, end to end and network alone (:mod:`.predict`)
 serve      TorchServe under load vs the bare model on the same images (:mod:`.serve`)
+soak       a server under many clients for a long time: latency, errors, memory (:mod:`.soak`)
 train      seconds per training iteration of each config (:mod:`.train`)
+profile    one image's time, stage by stage (:mod:`.profile`)
+ray        prediction on a local Ray vs one process (:mod:`.ray`)
+gpu        the GPU path in one table (:mod:`.gpu`)
 ========== =====================================================================================
 
 Timings never go into pass/fail tests; quote medians taken on a quiet machine.
@@ -17,8 +21,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-
-import numpy as np
 
 
 def median_seconds(func: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -46,6 +48,8 @@ def latency_stats(seconds: Sequence[float], wall: float | None = None) -> dict:
     Raises:
         ValueError: no latencies.
     """
+    import numpy as np  # here, not above: severstal --help imports this package
+
     values = np.asarray(seconds, dtype=float)
     if not len(values):
         raise ValueError("no latencies")

@@ -40,7 +40,6 @@ from severstal.model.predict import (
     passes_gate,
 )
 from severstal.model.run import Thresholds
-from severstal.viz.plots import plot_dice_per_class, plot_threshold_curves
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +227,13 @@ def detections_to_instances(det: Detections):
     return instances
 
 
+def evaluation_dir(weights: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Where :func:`evaluate` writes: ``output_dir``, else ``eval/`` in the run folder of ``weights`` (a weights file
+    or the folder itself)."""
+    run = Path(weights) if Path(weights).is_dir() else Path(weights).parent
+    return Path(output_dir or run / EVALUATION_DIR)
+
+
 def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir: str | Path | None = None,
              tune: bool = False, tta: bool = False, batch_size: int = 4, predictor=None) -> dict:
     """Evaluate a training run on its validation split: mean Dice, per-class Dice, COCO AP.
@@ -235,7 +241,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     Args:
         weights: the run's weights file or output folder (``config.yaml`` and ``split.json`` beside it).
         data_dir: the data folder (Kaggle layout); default: the one the run was trained on.
-        output_dir: where COCO results, ``evaluation.json`` and plots go; default ``<run>/eval``.
+        output_dir: where COCO results and ``evaluation.json`` go; default ``<run>/eval`` (:func:`evaluation_dir`).
         tune: pick per-class score thresholds and minimum areas on this split and save them next to
             the weights (``thresholds.json``) for prediction and serving.
         tta: merge flipped views (the config's ``SEVERSTAL.TTA_FLIPS``).
@@ -243,8 +249,9 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
 
     Returns:
         ``mean_dice``, ``dice_per_class``, ``dice_nonempty``, ``empty_baseline``, ``segm_AP``, ``bbox_AP``,
-        ``images``, and with ``tune`` the chosen ``score_thresholds`` / ``min_areas`` and the Dice before
-        tuning (``mean_dice_untuned``).
+        ``images``, and with ``tune`` the chosen ``score_thresholds`` / ``min_areas``, the Dice before
+        tuning (``mean_dice_untuned``) and the search's ``threshold_curves``: ``{"min_areas": [grid], "dice":
+        {class: {score threshold: [Dice per min area]}}}`` (what :func:`severstal.viz.draw.plot_evaluation` draws).
     """
     from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
     from tqdm import tqdm
@@ -253,7 +260,7 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
     bundle = load_bundle(weights)
     cfg = bundle.cfg
     data_dir = Path(data_dir or cfg.SEVERSTAL.DATA_DIR)
-    output_dir = Path(output_dir or bundle.folder / EVALUATION_DIR)
+    output_dir = evaluation_dir(bundle.folder, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor or Predictor(cfg, backend=make_backend(None, cfg), tta=tta)
     name = "severstal_eval"
@@ -296,8 +303,8 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         results["score_thresholds"] = tuned["score_thresholds"]
         results["min_areas"] = tuned["min_areas"]
         results["presence_thresholds"] = tuned["presence_thresholds"]
-        plot_threshold_curves(tuned["curves"], MIN_AREA_GRID, output_dir / "threshold_curves.png")
-    plot_dice_per_class(results, output_dir / "dice_per_class.png")
+        results["threshold_curves"] = {"min_areas": list(MIN_AREA_GRID), "dice": {
+            str(c): {f"{t:g}": row for t, row in curves.items()} for c, curves in tuned["curves"].items()}}
     write_text_atomic(output_dir / EVALUATION_FILE, json.dumps(results, indent=1))
     return results
 

@@ -346,8 +346,8 @@ def submission_summary(image_ids: Sequence[str], records: Sequence[dict], out: s
 
 
 def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt: str = "new", tta: bool = False,
-                   overlays: str | Path | None = None, batch_size: int = 4, predictor: Predictor | None = None,
-                   backend: str | None = None) -> dict:
+                   batch_size: int = 4, predictor: Predictor | None = None, backend: str | None = None,
+                   on_record: Callable[[Path, dict], object] | None = None) -> dict:
     """Predict every image of a folder and write a Kaggle submission with every (image, class) pair.
 
     A file that cannot be read or decoded does not stop the others: it is logged, its masks are written
@@ -360,14 +360,13 @@ def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt
         out: submission CSV path, written atomically.
         fmt: "new" (``ImageId,EncodedPixels,ClassId``) or "old" (``ImageId_ClassId,EncodedPixels``).
         tta: merge horizontally/vertically flipped views.
-        overlays: folder for PNGs of the predicted masks over each image.
         backend: "torch", "onnxruntime" or "tensorrt"; default: the one ``weights`` runs on.
+        on_record: called with each image file and its record as they come (e.g.
+            :func:`severstal.viz.draw.overlay_writer`, which draws the masks over the image).
 
     Returns:
         as :func:`submission_summary`.
     """
-    from severstal.viz.plots import save_overlay  # matplotlib, only for overlays
-
     predictor = predictor or Predictor.from_weights(weights, tta=tta, backend=backend)
     paths = [Path(images) / name for name in list_images(images)]
     if not paths:
@@ -375,6 +374,6 @@ def predict_folder(weights: str | Path, images: str | Path, out: str | Path, fmt
     records = []
     for path, record in predictor.predict_files(paths, batch_size=batch_size, skip_unreadable=True):
         records.append(record)
-        if overlays and not record.get("error"):
-            save_overlay(read_image(path), record, Path(overlays) / f"{path.stem}.png", title=path.name)
+        if on_record is not None:
+            on_record(path, record)
     return submission_summary([p.name for p in paths], records, out, fmt=fmt)

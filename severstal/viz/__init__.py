@@ -1,1 +1,1 @@
-"""Viz: dataset statistics (``stats``) and the figures drawn from them and from runs (``plots``)."""
+"""Viz: dataset statistics (``stats``) and the drawing of every figure (``draw``): the only stage that draws."""

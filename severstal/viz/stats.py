@@ -6,7 +6,7 @@ holds the real masks known so far (``train_partial_newformat.csv``), the complet
 all 12,568 train images (``train_labels_per_image.csv``) and its images in ``train_images/`` and, for those
 found only as PNG, ``train_images_png/`` (named by their ImageId's stem).
 
-Everything here returns frames or arrays; the figures are drawn by :mod:`severstal.viz.plots`. Masks are
+Everything here returns frames or arrays; the figures are drawn by :mod:`severstal.viz.draw`. Masks are
 read from their RLE runs (:mod:`severstal.data.rle`), instances are the connected components of
 :mod:`severstal.data.instances`, so no statistic decodes a mask to pixels.
 """

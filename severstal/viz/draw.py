@@ -1,13 +1,15 @@
-"""Figures the project writes (PNG): every plot has a title, axis labels and units.
+"""Drawing: every figure the project writes (PNG), each with a title, axis labels and units.
 
-All functions take data (dicts, frames, arrays) and a path, draw with matplotlib's Agg backend and
-write the file atomically; nothing here computes metrics.
+The one module that draws. Functions take data (dicts, frames, arrays, prediction records) and a path, draw with
+matplotlib's Agg backend and write the file atomically; nothing here computes metrics. The model returns data
+(:func:`severstal.model.evaluation.evaluate`, prediction records) and the commands draw it with
+:func:`plot_evaluation` and :func:`overlay_writer`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -69,16 +71,17 @@ def plot_dice_per_class(results: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_threshold_curves(curves: dict, min_area_grid: Sequence[int], path: str | Path) -> Path:
+def plot_threshold_curves(curves: dict, path: str | Path) -> Path:
     """Per class, Dice against the minimum area for each score threshold (the tuning search).
 
     Args:
-        curves: ``{class_id: {score_threshold: [dice per min area]}}`` from ``tune_thresholds``.
+        curves: ``{"min_areas": [grid], "dice": {"1": {"0.3": [dice per min area], ...}, ...}}``, the
+            ``threshold_curves`` of :func:`severstal.model.evaluation.evaluate` with ``tune``.
     """
     fig, axes = plt.subplots(1, len(CLASS_IDS), figsize=(14, 3.4), sharey=True)
     for ax, class_id in zip(axes, CLASS_IDS):
-        for threshold, row in sorted(curves[class_id].items()):
-            ax.plot(min_area_grid, row, marker=".", label=f"score ≥ {threshold:.1f}")
+        for threshold, row in sorted(curves["dice"][str(class_id)].items(), key=lambda item: float(item[0])):
+            ax.plot(curves["min_areas"], row, marker=".", label=f"score ≥ {float(threshold):.1f}")
         ax.set_title(f"class {class_id}")
         ax.set_xlabel("minimum mask area (pixels)")
         ax.grid(alpha=0.3)
@@ -86,6 +89,20 @@ def plot_threshold_curves(curves: dict, min_area_grid: Sequence[int], path: str 
     axes[-1].legend(fontsize=7)
     fig.suptitle("Threshold tuning on the validation split")
     return save_figure(fig, path)
+
+
+def plot_evaluation(results: dict, folder: str | Path) -> list[Path]:
+    """The figures of an evaluation into ``folder``: ``dice_per_class.png`` and, after tuning,
+    ``threshold_curves.png``.
+
+    Args:
+        results: as :func:`severstal.model.evaluation.evaluate` returns (or its ``evaluation.json``).
+    """
+    folder = Path(folder)
+    written = [plot_dice_per_class(results, folder / "dice_per_class.png")]
+    if results.get("threshold_curves"):
+        written.append(plot_threshold_curves(results["threshold_curves"], folder / "threshold_curves.png"))
+    return written
 
 
 def overlay_masks(image_bgr, class_masks: dict[int, np.ndarray], alpha: float = 0.45):
@@ -133,7 +150,20 @@ def save_overlay(image_bgr, record: dict, path: str | Path, title: str = "") -> 
     return save_figure(fig, path, dpi=80)
 
 
-# Data, training and serving figures (``severstal plots``) --------------------------------------------------
+def overlay_writer(folder: str | Path) -> Callable[[Path, dict], Path | None]:
+    """A function ``(image file, record) -> PNG`` that writes ``folder/<stem>.png``: the record's masks over the image
+    (:func:`save_overlay`); records of unreadable files (``error``) get none. For ``predict_folder(on_record=...)``."""
+    from severstal.data.images import read_image
+
+    def write(path: Path, record: dict) -> Path | None:
+        if record.get("error"):
+            return None
+        return save_overlay(read_image(path), record, Path(folder) / f"{Path(path).stem}.png", title=Path(path).name)
+
+    return write
+
+
+# Data, training and serving figures (``severstal figures``) ------------------------------------------------
 
 
 def _class_legend(ax, class_ids, **kwargs) -> None:
