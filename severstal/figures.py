@@ -152,25 +152,30 @@ def write_run_figures(run_dir: str | Path, out: str | Path,
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist (make demo writes demo/run)")
-    written, skipped = [], []
-    evaluation = json.loads((run_dir / EVALUATION_FILE).read_text()) if (run_dir / EVALUATION_FILE).is_file() else {}
-    sources = [
-        ("training_curves.png", run_dir / METRICS_FILE,
+    evaluation_file = run_dir / EVALUATION_FILE
+    evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else {}
+
+    def missing(path: Path) -> str | None:
+        return None if path.is_file() else f"{path} is missing"
+
+    no_curves = missing(evaluation_file) or (None if "threshold_curves" in evaluation else
+                                             f"{evaluation_file} has no threshold curves (severstal evaluate --tune)")
+    sources = [  # (figure, why it cannot be drawn or None, draw it)
+        ("training_curves.png", missing(run_dir / METRICS_FILE),
          lambda: draw.plot_training_curves(read_metrics(run_dir), out / "training_curves.png")),
-        ("dice_per_class.png", run_dir / EVALUATION_FILE,
+        ("dice_per_class.png", missing(evaluation_file),
          lambda: draw.plot_dice_per_class(evaluation, out / "dice_per_class.png")),
-        ("threshold_curves.png", run_dir / EVALUATION_FILE,
+        ("threshold_curves.png", no_curves,
          lambda: draw.plot_threshold_curves(evaluation["threshold_curves"], out / "threshold_curves.png")),
-        ("latency.png", run_dir.parent / REPORT_FILE, lambda: _write_latency(run_dir, out / "latency.png")),
+        ("latency.png", missing(run_dir.parent / REPORT_FILE), lambda: _write_latency(run_dir, out / "latency.png")),
     ]
     if images_out is not None:
-        sources.append(("prediction.png", run_dir / WEIGHTS_FILE,
+        sources.append(("prediction.png", missing(run_dir / WEIGHTS_FILE),
                         lambda: write_prediction_image(run_dir, Path(images_out) / "prediction.png")))
-    for name, needs, write in sources:
-        if not needs.is_file():
-            skipped.append(f"{name}: {needs} is missing")
-        elif name == "threshold_curves.png" and "threshold_curves" not in evaluation:
-            skipped.append(f"{name}: {needs} has no threshold curves (severstal evaluate --tune)")
+    written, skipped = [], []
+    for name, why_not, write in sources:
+        if why_not:
+            skipped.append(f"{name}: {why_not}")
         else:
             written.append(write())
     return written, skipped

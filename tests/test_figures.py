@@ -60,6 +60,18 @@ def test_a_run_without_weights_gives_its_curves_and_dice_and_says_what_it_skips(
         figures.write_run_figures(tmp_path / "absent", tmp_path / "graphs")
 
 
+def test_a_tuned_runs_threshold_curves_are_drawn_from_its_evaluation(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    curves = {"min_areas": [0, 100], "dice": {str(c): {"0.5": [0.7, 0.8], "0.9": [0.6, 0.6]} for c in (1, 2, 3, 4)}}
+    evaluation = {"mean_dice": 0.9, "empty_baseline": 0.85, "dice_per_class": {"1": 0.9, "2": 1.0, "3": 0.8, "4": 0.9},
+                  "threshold_curves": curves}
+    (run / "eval" / "evaluation.json").write_text(json.dumps(evaluation))
+    written, skipped = figures.write_run_figures(run, tmp_path / "graphs")
+    assert sorted(p.name for p in written) == ["dice_per_class.png", "threshold_curves.png"]
+    assert [s.split(":")[0] for s in skipped] == ["training_curves.png", "latency.png"]
+
+
 def test_score_images_predicts_scores_and_sorts_worst_first(scratch_run, synthetic_data):
     from severstal.data.annotations import read_train_csv
     from severstal.model.evaluation import records_frame
