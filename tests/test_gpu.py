@@ -13,6 +13,7 @@ from severstal.bench.gpu import (
     parse_pytest_summary,
     row,
     run_step,
+    with_masks,
 )
 
 NO_CUDA = "needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)"
@@ -144,3 +145,13 @@ def test_amp_training_steps_on_the_gpu(synthetic_data, tmp_path):
     state = torch.load(weights, map_location="cpu", weights_only=True)
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_with_masks_lowers_the_thresholds_of_a_copy_and_leaves_the_run_alone(scratch_run, tmp_path):
+    from severstal.model.config import load_bundle
+
+    cfg = load_bundle(with_masks(scratch_run, tmp_path / "model"), device="cpu").cfg
+    assert (cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (0.01, 20)
+    assert list(cfg.SEVERSTAL.SCORE_THRESHOLDS) == [0.02] * 4
+    run = load_bundle(scratch_run, device="cpu").cfg
+    assert (run.TEST.DETECTIONS_PER_IMAGE, list(run.SEVERSTAL.SCORE_THRESHOLDS)) == (10, [0.1] * 4)
