@@ -32,15 +32,11 @@ TUNED = {"score_thresholds": [0.3, 0.4, 0.5, 0.6], "min_areas": [0, 50, 100, 200
 
 
 def spelled_names(path: Path) -> list[tuple[int, str]]:
-    """(line, string) of each string in ``path``'s code that names a run-folder file; docstrings and ``help=`` texts
-    are prose for people and may name them."""
-    names = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, RUN_FOLDER_NAMES.values())) + r")(?![\w-])")
-    tree = ast.parse(path.read_text())
-    prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
-    prose |= {id(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords
-              if k.arg == "help"}
-    return [(node.lineno, node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)
-            and isinstance(node.value, str) and id(node) not in prose and names.search(node.value)]
+    """(line, string) of each string in ``path``'s code that is a run-folder file's name or a path ending in one
+    (a piece of an f-string included); prose (docstrings, messages, help texts) may name the files."""
+    name = re.compile(r"(?:\S*/)?(?:" + "|".join(map(re.escape, RUN_FOLDER_NAMES.values())) + ")")
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.fullmatch(node.value)]
 
 
 def test_the_run_folder_names_are_spelled_once_in_the_package():
@@ -50,12 +46,12 @@ def test_the_run_folder_names_are_spelled_once_in_the_package():
     assert sorted(value for _, value in spelled["files.py"]) == sorted(RUN_FOLDER_NAMES.values())
 
 
-def test_the_spelling_check_sees_code_and_skips_prose(tmp_path):
+def test_the_spelling_check_sees_paths_and_skips_prose(tmp_path):
     source = tmp_path / "m.py"
     source.write_text('"""Reads config.yaml."""\nPATH = "run/model_final.pth"\nOTHER = "model-config.yaml"\n'
                       'def f(p):\n    """From thresholds.json."""\n    p.add_argument("--x", help="a config.yaml")\n'
-                      '    return f"{p}/split.json"\n')
-    assert spelled_names(source) == [(2, "run/model_final.pth"), (7, "/split.json")]
+                      '    return f"{p}/split.json", "metrics.json"\n')
+    assert sorted(spelled_names(source)) == [(2, "run/model_final.pth"), (7, "/split.json"), (7, "metrics.json")]
 
 
 def test_thresholds_round_trip_through_the_file_unchanged(tmp_path):

@@ -48,8 +48,8 @@ def checked_model_file(weights_or_folder: str | Path, device: str = "cpu") -> Pa
 def copy_run(src: str | Path, dst: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Copy a run's weights and config into ``dst``, the config with Detectron2-style ``KEY VALUE`` overrides.
 
-    The weights are hard-linked where the file system allows (a copy costs no space), else copied. The run's
-    ``thresholds.json`` stays behind: applied over the config, it would undo overrides of the thresholds.
+    The weights are hard-linked where the file system allows (no second copy on disk), else copied. Nothing else
+    is copied: the run's ``thresholds.json``, applied over the config, would undo overrides of the thresholds.
 
     Returns:
         ``dst``.
