@@ -394,7 +394,7 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"latencies (s): {r['serve']['latencies_s']}")
     print(f"stage seconds: {r['seconds']} (total {sum(r['seconds'].values()):.0f} s; training in "
           f"{r['training_precision']})")
-    print(f"plots: {', '.join(r['plots'])}")
+    print(f"figures: {', '.join(r['figures'])}")
     print(f"submission: {r['predict']['submission']}; overlays: {Path(args.out) / 'overlays'}")
 
 

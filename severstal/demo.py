@@ -98,7 +98,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "weights": str(weights),
         "served_model": str(served_model),
         "int8": int8,
-        "plots": sorted(str(p) for p in (run / "eval").glob("*.png")),
+        "figures": sorted(str(p) for p in (run / "eval").glob("*.png")),
     }
     write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, default=str))
     return report

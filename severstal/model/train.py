@@ -64,7 +64,7 @@ class SeverstalTrainer(DefaultTrainer):
             finally:
                 d2_defaults.create_ddp_model = original
         if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:  # Detectron2 built its CUDA-only AMPTrainer
-            # Mixed precision on a CPU is bf16, which needs no loss scaling (severstal.demo.DemoSettings: measured).
+            # Mixed precision on a CPU is bf16, which needs no loss scaling (docs/training.md: measured).
             model = self._trainer.model
             bf16_backbone(getattr(model, "module", model).backbone)  # under DistributedDataParallel: its module
             self._trainer = SimpleTrainer(self._trainer.model, self._trainer.data_loader, self._trainer.optimizer)
