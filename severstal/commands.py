@@ -374,13 +374,16 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=defaults.max_iter, help="training iterations")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"seed of the data, the split and the training (default {defaults.seed})")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help=f"overrides of the {defaults.config} config, as for train")
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from severstal.demo import DemoSettings, run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = run_demo(args.out, DemoSettings(train_images=args.images, max_iter=args.iterations, seed=args.seed))
+    r = run_demo(args.out, DemoSettings(train_images=args.images, max_iter=args.iterations, seed=args.seed,
+                                                opts=list(args.opts)))
     e, held = r["evaluation"], r["predict"]
     print()
     _dice_table(22, [("mean Dice (val)", e["mean_dice"], e["empty_baseline"]),

@@ -122,3 +122,19 @@ def test_latency_stats_interpolate_percentiles_and_count_throughput_by_wall_time
     assert latency_stats([0.5, 0.25])["images_per_s"] == pytest.approx(1 / 0.375)  # one after another
     with pytest.raises(ValueError, match="no latencies"):
         latency_stats([])
+
+
+def test_bench_train_times_each_config_with_each_variant(capsys):
+    from severstal.bench.train import bench_train
+
+    result = bench_train(["small"], iterations=1, warmup=0, images=4,
+                         variants=[(), ("MODEL.FPN.OUT_CHANNELS", "32")])
+    assert [row["config"] for row in result["rows"]] == ["small", "small MODEL.FPN.OUT_CHANNELS 32"]
+    assert all(row["s_per_iter"] > 0 and row["input"] == "128x800" for row in result["rows"])
+    assert result["ratios"]["small"] == 1.0
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        bench_train(["small"], iterations=1, warmup=0, images=2, variants=[("MODEL.FPN.OUT_CHANNELS",)])
+    assert main(["bench", "train", "--configs", "small", "--iterations", "1", "--variant",
+                 "MODEL.ROI_MASK_HEAD.CONV_DIM 32"]) == 0
+    out = capsys.readouterr().out
+    assert "small MODEL.ROI_MASK_HEAD.CONV_DIM 32" in out and "s/image relative to the first" in out

@@ -80,7 +80,7 @@ def test_a_benchmark_prints_its_report_its_json_line_and_why_it_failed(monkeypat
     assert captured.err == "severstal bench convert: 1 masks differ between the two pipelines\n"
 
 
-def test_demo_takes_a_seed(monkeypatch, capsys):
+def test_demo_takes_a_seed_and_config_overrides(monkeypatch, capsys):
     import severstal.demo as demo
 
     seen = []
@@ -93,3 +93,5 @@ def test_demo_takes_a_seed(monkeypatch, capsys):
     assert main(["demo", "--out", "d", "--seed", "7", "--images", "5"]) == 2
     assert (seen[0].seed, seen[0].train_images) == (7, 5)
     assert build_parser().parse_args(["demo"]).seed == demo.DemoSettings().seed
+    assert main(["demo", "--out", "d", "--iterations", "40", "SEVERSTAL.CROP_WIDTH", "800"]) == 2
+    assert (seen[1].max_iter, seen[1].opts) == (40, ["SEVERSTAL.CROP_WIDTH", "800"])

@@ -24,7 +24,7 @@ def test_named_configs_load_with_severstal_keys(name):
 
 def test_small_is_a_slim_groupnorm_r18_and_r50_starts_from_the_model_zoo():
     small, r50 = get_severstal_cfg("small"), get_severstal_cfg("r50")
-    assert (small.MODEL.RESNETS.DEPTH, small.MODEL.RESNETS.NORM, small.MODEL.FPN.OUT_CHANNELS) == (18, "GN", 128)
+    assert (small.MODEL.RESNETS.DEPTH, small.MODEL.RESNETS.NORM, small.MODEL.FPN.OUT_CHANNELS) == (18, "GN", 64)
     assert small.MODEL.WEIGHTS == "" and small.MODEL.BACKBONE.FREEZE_AT == 0
     assert small.SEVERSTAL.OPTIMIZER == "AdamW" and small.DATALOADER.FILTER_EMPTY_ANNOTATIONS is True
     assert r50.SEVERSTAL.OPTIMIZER == "SGD" and r50.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False

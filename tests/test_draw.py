@@ -207,6 +207,14 @@ def test_overlay_writer_draws_a_record_over_its_image_and_skips_unreadable_ones(
     assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["grey.png"]
 
 
+def test_overlay_writer_stops_after_its_limit(grey_image, tmp_path):
+    record = {"classes": {"1": "", "2": "", "3": "", "4": ""}, "defects": []}
+    write = draw.overlay_writer(tmp_path / "overlays", limit=1)
+    assert write(grey_image, record) == tmp_path / "overlays" / "grey.png"
+    assert write(grey_image, record) is None
+    assert len(list((tmp_path / "overlays").iterdir())) == 1
+
+
 def test_evaluation_figures_are_the_dice_bars_and_the_curves_after_tuning(tmp_path):
     results = {"mean_dice": 0.9, "empty_baseline": 0.85, "dice_per_class": {"1": 0.9, "2": 1.0, "3": 0.8, "4": 0.9}}
     written = draw.plot_evaluation(results, tmp_path / "untuned")

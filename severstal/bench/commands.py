@@ -168,12 +168,15 @@ def _soak_report(r: dict) -> Report:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default="small,r50", help="comma-separated config names or YAML paths")
     parser.add_argument("--iterations", type=int, default=6, help="timed iterations per config")
+    parser.add_argument("--variant", action="append", default=[], metavar='"KEY VALUE ..."',
+                        help="also time every config with these overrides (repeatable)")
 
 
 def _train(args: argparse.Namespace) -> dict:
     from severstal.bench.train import bench_train
 
-    return bench_train(args.configs.split(","), iterations=args.iterations)
+    variants = [(), *(v.split() for v in args.variant)]
+    return bench_train(args.configs.split(","), iterations=args.iterations, variants=variants)
 
 
 def _train_report(r: dict) -> Report:

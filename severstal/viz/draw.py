@@ -150,13 +150,18 @@ def save_overlay(image_bgr, record: dict, path: str | Path, title: str = "") -> 
     return save_figure(fig, path, dpi=80)
 
 
-def overlay_writer(folder: str | Path) -> Callable[[Path, dict], Path | None]:
+def overlay_writer(folder: str | Path, limit: int | None = None) -> Callable[[Path, dict], Path | None]:
     """A function ``(image file, record) -> PNG`` that writes ``folder/<stem>.png``: the record's masks over the image
-    (:func:`save_overlay`); records of unreadable files (``error``) get none. For ``predict_folder(on_record=...)``."""
+    (:func:`save_overlay`), for the first ``limit`` images it is given (None: all); records of unreadable files
+    (``error``) get none. For ``predict_folder(on_record=...)``."""
     from severstal.data.images import read_image
 
+    seen = 0
+
     def write(path: Path, record: dict) -> Path | None:
-        if record.get("error"):
+        nonlocal seen
+        seen += 1
+        if record.get("error") or (limit is not None and seen > limit):
             return None
         return save_overlay(read_image(path), record, Path(folder) / f"{Path(path).stem}.png", title=Path(path).name)
 
