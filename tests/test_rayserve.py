@@ -24,7 +24,7 @@ def test_an_archive_is_read_as_torchserve_reads_it(store):
     assert (model.name, model.version, model.serialized_file) == ("severstal", "2.5", "model_final.pth")
     assert {"model_final.pth", "config.yaml", "model-config.yaml"} <= set(model.files)
     assert "handler.py" not in model.files  # the replica uses the package, not the archived handler
-    assert (model.batch_size, model.batch_wait_s, model.workers) == (4, 0.005, 1)  # the shipped model-config.yaml
+    assert (model.batch_size, model.batch_wait_s, model.workers) == (4, 0.001, 1)  # the shipped model-config.yaml
 
 
 def test_the_store_must_hold_the_model_asked_for(store, tmp_path):
