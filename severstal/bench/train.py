@@ -36,8 +36,6 @@ def bench_train(configs: Sequence[str] = ("small", "r50"), iterations: int = 6, 
         register_data_dir(data, TRAIN_SPLIT, None, val_fraction=0.0)
         try:
             for index, (name, opts) in enumerate((n, list(v)) for n in configs for v in variants):
-                if len(opts) % 2:
-                    raise ValueError(f"overrides come as KEY VALUE pairs, got {opts}")
                 cfg = setup_cfg(data, name, Path(tmp) / str(index), ["DATALOADER.NUM_WORKERS", "0", *opts],
                                 scratch=True)
                 trainer = SeverstalTrainer(cfg)
