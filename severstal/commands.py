@@ -374,8 +374,7 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=defaults.max_iter, help="training iterations")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"seed of the data, the split and the training (default {defaults.seed})")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help=f"overrides of the {defaults.config} config, as for train")
+    _overrides(parser)
 
 
 def run_demo(args: argparse.Namespace) -> None:
