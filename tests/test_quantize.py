@@ -9,7 +9,7 @@ from severstal.data.images import read_image
 from severstal.model.backends import METADATA_KEYS, choose_backend, make_backend
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor, records_dice
-from severstal.model.quantize import ParityError, quantize_export
+from severstal.model.quantize import CALIBRATION_IMAGES, PARITY_IMAGES, ParityError, quantize_export
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,17 @@ def int8_export(onnx_export, real_data, tmp_path_factory):
     return path, report
 
 
-def test_int8_model_quantizes_the_backbone_convolutions_only(int8_export, onnx_export):
+def test_int8_model_quantizes_the_backbone_convolutions_but_the_stem(int8_export, onnx_export):
     path, report = int8_export
     model = onnx.load(str(path))
-    quantized_convs = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    assert report["quantized_convs"] > 0 and len(quantized_convs) >= report["quantized_convs"]
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    int8_convs = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
     fp32_convs = [n for n in onnx.load(str(onnx_export / "model.onnx")).graph.node if n.op_type == "Conv"]
     heads = [n.name for n in fp32_convs if not n.name.startswith("/backbone/")]
-    assert heads and report["quantized_convs"] == len(fp32_convs) - len(heads)
+    stem = [n.name for n in fp32_convs if n.name.startswith("/backbone/bottom_up/stem/")]
+    assert heads and len(stem) == 1
+    assert int8_convs == {n.name for n in fp32_convs} - set(heads) - set(stem)
+    assert report["quantized_convs"] == len(int8_convs)
     props = {p.key: p.value for p in model.metadata_props}
     assert props[METADATA_KEYS["precision"]] == "int8" and METADATA_KEYS["config"] in props
     assert (path.parent / "config.yaml").is_file()
@@ -57,6 +60,13 @@ def test_a_model_that_fails_parity_is_refused_and_nothing_is_written(onnx_export
         quantize_export(onnx_export / "model.onnx", real_data / "train_images", tmp_path / "int8",
                         calibration_images=2, parity_images=2, min_dice=1.01)
     assert not (tmp_path / "int8" / "model-int8.onnx").exists()
+
+
+def test_the_command_line_defaults_are_the_measured_ones():
+    from severstal.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--weights", "w", "--format", "onnx", "--out", "o"])
+    assert (args.calibration_images, args.parity_images) == (CALIBRATION_IMAGES, PARITY_IMAGES) == (16, 64)
 
 
 def test_calibration_needs_images_left_for_parity(onnx_export, tmp_path):

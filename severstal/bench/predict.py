@@ -156,7 +156,7 @@ def bench_predict(weights: str | Path, images_dir: str | Path, backends: Sequenc
         if any(p == "int8" for _, p in variants):
             # Calibrated on the folder's first images and timed whatever its parity: the row's dice_vs_torch and
             # keeps_answers say whether it keeps the answers (export --int8 refuses to write one that does not).
-            int8, _ = quantize_export(onnx, images_dir, work_dir / "int8", min_dice=0.0,
+            int8, _ = quantize_export(onnx, images_dir, work_dir / "int8", min_dice=0.0, parity_images=1,
                                       calibration_images=min(16, max(1, len(list_images(images_dir)) - 1)))
         if any(b == "tensorrt" for b, _ in variants) and engine is None:
             engine = export_tensorrt(onnx, work_dir / "tensorrt", fp16=("tensorrt", "fp16") in variants)
