@@ -25,7 +25,7 @@ from severstal.model.evaluation import (
     records_frame,
     tune_thresholds,
 )
-from severstal.model.predict import Detections, Predictor
+from severstal.model.predict import CLASS_OFF, Detections, Predictor, make_record
 
 
 def _box_detection(image_id, specs, shape=(256, 1600)):
@@ -53,6 +53,25 @@ def test_tuning_drops_weak_false_positives_and_small_specks():
     assert tuned["dice_per_class"][2] == pytest.approx(1.0)  # nothing predicted, nothing true
     curve = tuned["curves"][1][SCORE_GRID[0]]
     assert len(curve) == len(MIN_AREA_GRID) and curve[0] == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_a_class_that_never_beats_empty_is_turned_off_and_ties_go_to_the_safer_choice():
+    truth_mask = np.zeros((256, 1600), np.uint8)
+    truth_mask[0:50, 0:100] = 1
+    truth = pd.DataFrame([("a.jpg", 1, mask_to_rle(truth_mask)), ("c.jpg", 2, mask_to_rle(truth_mask))],
+                         columns=["ImageId", "ClassId", "EncodedPixels"])
+    detections = [
+        # class 1: half the true mask on a (Dice 0.67), and as strong a false mask on b: open 0.33 + 0 + 1 < empty 2
+        _box_detection("a.jpg", [(1, 0.9, (0, 25, 0, 100))]),
+        _box_detection("b.jpg", [(1, 0.9, (0, 50, 0, 100)), (2, 0.9, (0, 50, 0, 100))]),
+        # class 2: the true mask found on c (1 point) and a false one on b (-1 point): a tie with empty
+        _box_detection("c.jpg", [(2, 0.9, (0, 50, 0, 100))]),
+    ]
+    tuned = tune_thresholds(detections, truth)
+    assert tuned["min_areas"][:2] == [CLASS_OFF, CLASS_OFF]
+    assert tuned["dice_per_class"][1] == pytest.approx(2 / 3) and tuned["dice_per_class"][2] == pytest.approx(2 / 3)
+    records = [make_record(d.to_detections(), tuned["score_thresholds"], tuned["min_areas"]) for d in detections]
+    assert all(r["classes"]["1"] == r["classes"]["2"] == "" for r in records)
 
 
 def test_dice_evaluator_agrees_with_mean_dice_on_the_same_predictions(trained_run, synthetic_data):

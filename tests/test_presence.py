@@ -14,8 +14,16 @@ from severstal.data.images import read_image
 from severstal.data.rle import mask_to_rle, rle_to_mask
 from severstal.model.config import CONFIG_FILE, get_severstal_cfg
 from severstal.model.evaluation import ImageDetections, tune_thresholds
-from severstal.model.predict import Detections, Predictor, make_record
-from severstal.model.presence import PresenceRCNN, has_presence, presence_targets
+from severstal.model.predict import Detections, Predictor, make_record, network_input, prediction_resize
+from severstal.model.presence import (
+    NUM_TEXTURE_FEATURES,
+    PresenceForest,
+    PresenceRCNN,
+    fit_presence_forest,
+    has_presence,
+    presence_targets,
+    texture_features,
+)
 from severstal.model.run import Thresholds
 from severstal.serve.worker import ServingModel
 
@@ -29,6 +37,38 @@ def test_presence_targets_mark_the_classes_of_each_image():
     np.testing.assert_array_equal(presence_targets([first, second], 4).numpy(), [[1, 0, 1, 0], [0, 0, 0, 0]])
 
 
+def test_the_forest_answers_as_scikit_learn_with_shallow_branches_padded():
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(80, 5)).astype(np.float32)
+    labels = (features[:, 0] + 0.5 * features[:, 3] > 0.2).astype(int)
+    # min_samples_leaf 12 stops many branches above depth 5: those are padded
+    fitted = RandomForestClassifier(15, max_depth=5, min_samples_leaf=12, random_state=0).fit(features, labels)
+    depths = [e.tree_.max_depth for e in fitted.estimators_]
+    assert min(depths) < 5 and max(depths) > 2
+    forest = PresenceForest(num_classes=2, trees=15, depth=5)
+    forest.load_forest(1, fitted.estimators_)
+    new = rng.normal(size=(40, 5)).astype(np.float32)
+    probs = forest(torch.from_numpy(new)).numpy()
+    np.testing.assert_allclose(probs[:, 1], fitted.predict_proba(new)[:, 1], atol=1e-6)
+    assert probs[:, 1].max() - probs[:, 1].min() > 0.3  # not a constant
+    np.testing.assert_array_equal(probs[:, 0], 0.0)  # class 0 was not loaded: leaves 0
+    with pytest.raises(ValueError, match="depth"):
+        PresenceForest(1, 15, 2).load_forest(0, fitted.estimators_)
+
+
+def test_texture_features_see_a_scratch():
+    plain = torch.full((1, 3, 128, 800), 100.0)
+    scratched = plain.clone()
+    scratched[:, :, 60:62, 100:400] = 30.0  # a dark line two pixels high
+    a, b = texture_features(plain), texture_features(scratched)
+    assert a.shape == (1, NUM_TEXTURE_FEATURES)
+    assert torch.count_nonzero(a[0, 4:]) == 0  # a flat image has no edges
+    assert b[0, 2] < a[0, 2]  # its darkest 1% is darker
+    assert torch.count_nonzero(b[0, 4:]) > 10
+
+
 @pytest.fixture(scope="module")
 def images(real_data) -> list[np.ndarray]:
     return [read_image(p) for p in sorted((real_data / "train_images").glob("*.jpg"))[:6]]
@@ -36,8 +76,9 @@ def images(real_data) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory, images):
-    """A run of the fewlabels recipe with random weights, a low score threshold, and presence thresholds at each
-    class's median presence on :func:`images`, so that the gate empties some class masks and keeps others."""
+    """A run of the fewlabels recipe with random weights, its presence forest fitted on :func:`images` with made-up
+    labels, a low score threshold, and presence thresholds at each class's median presence on :func:`images`, so that
+    the gate empties some class masks and keeps others."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -46,7 +87,10 @@ def gated_run(tmp_path_factory, images):
     cfg = get_severstal_cfg("fewlabels", ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "10",
                                           "SEVERSTAL.SCORE_THRESHOLDS", "[0.1, 0.1, 0.1, 0.1]"])
     model = build_model(cfg)
-    assert has_presence(model)
+    assert has_presence(model) and model.presence_forest is not None
+    resize = prediction_resize(cfg)
+    labels = np.array([[k % 2, k // 3, (k + 1) % 2, k % 3 == 0] for k in range(len(images))])
+    fit_presence_forest(model, [network_input(image, resize) for image in images], labels)
     DetectionCheckpointer(model, save_dir=str(folder)).save("model_final")
     (folder / CONFIG_FILE).write_text(cfg.dump())
     presence = np.stack([d.presence for d in Predictor.from_weights(folder, device="cpu").detect(images)])

@@ -181,7 +181,8 @@ class TorchBackend:
             proposals, _ = model.proposal_generator(batch, features, None)
             instances = self.detect_boxes(features, proposals, min_score)
             results = model.roi_heads.forward_with_given_boxes(features, instances)
-            presence = model.presence_probs(features).float().cpu() if has_presence(model) else [None] * len(images)
+            presence = (model.presence_probs(batch.tensor, features).float().cpu() if has_presence(model)
+                        else [None] * len(images))
         return [raw_output(r, p) for r, p in zip(results, presence)]
 
 

@@ -45,6 +45,10 @@ def add_severstal_config(cfg: CfgNode) -> None:
     cfg.SEVERSTAL.PRESENCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     cfg.SEVERSTAL.PRESENCE_HIDDEN = 128
     cfg.SEVERSTAL.PRESENCE_LOSS_WEIGHT = 1.0
+    # With trees (> 0) the presence probabilities come from a random forest per class on image texture statistics,
+    # fitted on the training images after the detector (severstal.model.presence.PresenceForest), not the head.
+    cfg.SEVERSTAL.PRESENCE_FOREST_TREES = 0
+    cfg.SEVERSTAL.PRESENCE_FOREST_DEPTH = 6
     # Training augmentation (severstal.model.augment). Width in pixels of the original image of the random
     # crops a training image is cut to (0: the whole strip); prediction always sees the whole image.
     cfg.SEVERSTAL.CROP_WIDTH = 0
@@ -112,6 +116,9 @@ def validate_severstal_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"SEVERSTAL.COPY_PASTE_PROB must be in [0, 1], got {s.COPY_PASTE_PROB}")
     if not 0.0 <= s.BRIGHTNESS_CONTRAST < 1.0:
         raise ValueError(f"SEVERSTAL.BRIGHTNESS_CONTRAST must be in [0, 1), got {s.BRIGHTNESS_CONTRAST}")
+    if s.PRESENCE_FOREST_TREES < 0 or not 1 <= s.PRESENCE_FOREST_DEPTH <= 12:
+        raise ValueError("SEVERSTAL.PRESENCE_FOREST_TREES must be >= 0 (0: off) and PRESENCE_FOREST_DEPTH in 1..12, got "
+                         f"{s.PRESENCE_FOREST_TREES} and {s.PRESENCE_FOREST_DEPTH}")
     if s.CROP_WIDTH < 0:
         raise ValueError(f"SEVERSTAL.CROP_WIDTH must be 0 (off) or a width in pixels, got {s.CROP_WIDTH}")
 

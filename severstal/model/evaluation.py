@@ -32,6 +32,7 @@ from severstal.files import EVALUATION_DIR, EVALUATION_FILE, THRESHOLDS_FILE, TR
 from severstal.model.backends import make_backend
 from severstal.model.config import load_bundle
 from severstal.model.predict import (
+    CLASS_OFF,
     Detections,
     Predictor,
     class_instances,
@@ -166,7 +167,9 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
 
     Classes are independent in mean Dice, so each is tuned alone over the grid. The presence grid is searched
     only when the detections carry presence probabilities (a model with the presence head); otherwise the gate
-    stays open (0). Ties go to the lowest gate, then the lowest score threshold and minimum area.
+    stays open (0). A class is only predicted where that beats leaving it empty on every image: otherwise its
+    minimum area becomes :data:`CLASS_OFF`. Ties go to the safer choice: off, then the highest gate, score
+    threshold and minimum area (on a few images an empty pair's whole point is worth more than a tie suggests).
 
     Returns:
         ``{"score_thresholds": [4 floats], "min_areas": [4 ints], "presence_thresholds": [4 floats], "curves":
@@ -180,8 +183,9 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
     for index, class_id in enumerate(CLASS_IDS):
         presence = np.array([d.det.presence[index] for d in detections]) if gated else None
         curves: dict = {gate: {} for gate in gates}
-        best = (-1.0, score_grid[0], min_area_grid[0], gates[0])
-        for t in score_grid:
+        empty = float(np.mean([(d.image_id, class_id) not in truth_rles for d in detections])) if detections else 1.0
+        best = (empty, score_grid[-1], CLASS_OFF, gates[0])
+        for t in reversed(score_grid):
             inter, pred, true = [], [], []
             for d in detections:
                 chosen = [d.rles[i] for i in class_instances(d.class_ids, d.scores, class_id, t)]
@@ -191,19 +195,19 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
                 true.append(int(mask_util.area(gt)) if gt else 0)
                 inter.append(int(mask_util.area(mask_util.merge([union, gt], intersect=True))) if union and gt else 0)
             inter, pred, true = map(np.asarray, (inter, pred, true))
-            for gate in gates:
+            for gate in reversed(gates):
                 row = []
                 for min_area in min_area_grid:
                     kept = keeps_class_mask(pred, min_area) & passes_gate(presence, gate)
                     row.append(float(dice_from_areas(inter * kept, pred * kept, true).mean()))
                 curves[gate][t] = row
-                j = int(np.argmax(row))
+                j = len(row) - 1 - int(np.argmax(row[::-1]))  # the largest minimum area among the best
                 if row[j] > best[0]:
                     best = (row[j], t, min_area_grid[j], gate)
         result["score_thresholds"].append(best[1])
         result["min_areas"].append(best[2])
         result["presence_thresholds"].append(best[3])
-        result["curves"][class_id] = curves[best[3]]
+        result["curves"][class_id] = {t: curves[best[3]][t] for t in score_grid}
         result["dice_per_class"][class_id] = best[0]
     return result
 

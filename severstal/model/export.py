@@ -128,7 +128,7 @@ def _trace_to_onnx(model, sample, opset: int) -> bytes:
         proposals, _ = model.proposal_generator(batch, features, None)
         instances = model.roi_heads(batch, features, proposals, None)[0][0]
         out = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes, instances.pred_masks[:, 0])
-        return out + ((model.presence_probs(features)[0],) if gated else ())
+        return out + ((model.presence_probs(batch.tensor, features)[0],) if gated else ())
 
     adapter = TracingAdapter(model, sample, raw_outputs)
     dynamic = {INPUT_NAME: {1: "height", 2: "width"}} | {name: {0: "detections"} for name in OUTPUT_NAMES}

@@ -61,6 +61,17 @@ class Detections:
     presence: np.ndarray | None = None
 
 
+def prediction_resize(cfg) -> T.ResizeShortestEdge:
+    """The resize every image gets before the network at prediction time."""
+    return T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+
+
+def network_input(image: np.ndarray, resize: T.ResizeShortestEdge) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR -> (3, H', W') float32 tensor at the network's input size."""
+    resized = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+
+
 class Predictor:
     """Predicts Severstal records from images with any backend and the config's thresholds.
 
@@ -73,7 +84,7 @@ class Predictor:
     def __init__(self, cfg, backend: Backend | None = None, tta: bool = False):
         self.cfg = cfg
         self.backend = backend if backend is not None else TorchBackend(cfg)
-        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        self.resize = prediction_resize(cfg)
         self.flips = list(cfg.SEVERSTAL.TTA_FLIPS) if tta else []
         self.score_floor = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
 
@@ -103,8 +114,7 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 BGR -> (3, H', W') float32 tensor at the network's input size."""
-        resized = self.resize.get_transform(image).apply_image(image)
-        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+        return network_input(image, self.resize)
 
     def detect(self, images: Sequence[np.ndarray], min_scores: Sequence[float] | None = None) -> list[Detections]:
         """All instances above the config's score floor, at each image's original size.
@@ -224,6 +234,10 @@ def class_instances(class_ids: np.ndarray, scores: np.ndarray, class_id: int, sc
     (:func:`make_record`) and threshold tuning (``severstal.model.evaluation.tune_thresholds``) both use it.
     """
     return np.flatnonzero((class_ids == class_id) & (scores >= score_threshold))
+
+
+CLASS_OFF = 2**31 - 1
+"""A class's minimum area when the class is never predicted (tuning found no setting that beats leaving it empty)."""
 
 
 def keeps_class_mask(area, min_area: int):

@@ -12,10 +12,20 @@ graph) and ``severstal.model.predict.make_record`` empties a class mask whose pr
 ``SEVERSTAL.PRESENCE_THRESHOLDS`` (tuned with the score thresholds). Registering the class with Detectron2's
 ``META_ARCH_REGISTRY`` happens when this module is imported, as Detectron2's own architectures do;
 :func:`severstal.model.config.get_severstal_cfg` imports it.
+
+With ``SEVERSTAL.PRESENCE_FOREST_TREES`` > 0 the probabilities come instead from a separate small classifier, a
+random forest per class on :func:`texture_features` of the network's input (edge and intensity statistics at
+three scales), fitted with scikit-learn on the training images once the detector is trained
+(:func:`fit_presence_forest`). From a hundred real strips it tells the classes apart far better than the head on
+a backbone trained from random weights (docs/real-steel.md). Its trees live in the model's state dict as
+fixed-shape tensors (:class:`PresenceForest`), so the checkpoint, the ONNX graph and both servers carry it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -45,17 +55,110 @@ class PresenceHead(nn.Module):
         return self.mlp(torch.cat(pooled, dim=1))
 
 
+TOP_FRACTIONS = (0.1, 0.01, 0.001)
+"""The means of the largest values of each texture map that :func:`texture_features` keeps, as fractions of it."""
+TEXTURE_SCALES = (1, 2, 4)
+NUM_TEXTURE_FEATURES = 4 + 3 * len(TEXTURE_SCALES) * (1 + len(TOP_FRACTIONS))
+
+
+def _top_means(values: torch.Tensor, fractions: Sequence[float] = TOP_FRACTIONS) -> list[torch.Tensor]:
+    """(B, N) -> [mean, then the mean of the largest ``fraction`` of the values for each fraction], each (B,)."""
+    return [values.mean(1)] + [values.topk(max(1, int(values.shape[1] * f)), dim=1).values.mean(1)
+                               for f in fractions]
+
+
+def texture_features(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) network input -> (B, :data:`NUM_TEXTURE_FEATURES`) image statistics.
+
+    Of the grey image: mean, spread and the means of its darkest and brightest 1%; at 1, 1/2 and 1/4 of the size,
+    of the absolute horizontal and vertical differences and of the difference from a 5x5 local mean: the mean
+    and the means of the largest 10%, 1% and 0.1% (defects are rare, strong edges and spots).
+    """
+    grey = images.float().mean(1, keepdim=True)
+    flat = grey.flatten(1)
+    features = [flat.mean(1), flat.std(1), -_top_means(-flat, (0.01,))[1], _top_means(flat, (0.01,))[1]]
+    for scale in TEXTURE_SCALES:
+        x = F.avg_pool2d(grey, scale) if scale > 1 else grey
+        across = (x[..., 1:] - x[..., :-1]).abs()
+        along = (x[..., 1:, :] - x[..., :-1, :]).abs()
+        spots = (x - F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)).abs()
+        for values in (across, along, spots):
+            features += _top_means(values.flatten(1))
+    return torch.stack(features, dim=1)
+
+
+class PresenceForest(nn.Module):
+    """Random forests (one per class) as complete binary trees of fixed depth, evaluated with tensor operations.
+
+    A tree of depth ``D`` has ``2**D - 1`` split nodes (heap order: the children of ``n`` are ``2n + 1``, left for
+    ``x[feature] <= threshold``, and ``2n + 2``) and ``2**D`` leaves holding the probability of the class. Shallower
+    branches of a fitted tree are padded with splits that always go left (threshold +inf) down to copies of their
+    leaf. The shapes depend only on the config, so the trees load from a state dict and trace into ONNX.
+    """
+
+    def __init__(self, num_classes: int, trees: int, depth: int):
+        super().__init__()
+        self.depth = depth
+        splits = 2**depth - 1
+        self.register_buffer("feature", torch.zeros(num_classes, trees, splits, dtype=torch.long))
+        self.register_buffer("threshold", torch.full((num_classes, trees, splits), float("inf")))
+        self.register_buffer("leaf", torch.zeros(num_classes, trees, splits + 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) features -> (B, num_classes) probabilities: each class's mean leaf over its trees."""
+        shape = (features.shape[0], *self.feature.shape)  # (B, classes, trees, splits)
+        node = torch.zeros(shape[:3], dtype=torch.long, device=features.device)
+        for _ in range(self.depth):
+            at = node.unsqueeze(3)
+            feature = self.feature.expand(shape).gather(3, at).squeeze(3)
+            threshold = self.threshold.expand(shape).gather(3, at).squeeze(3)
+            value = features.gather(1, feature.flatten(1)).view(shape[:3])
+            node = 2 * node + 1 + (value > threshold).long()
+        leaf = (node - shape[3]).unsqueeze(3)
+        return self.leaf.expand(*shape[:3], shape[3] + 1).gather(3, leaf).squeeze(3).mean(2)
+
+    def load_forest(self, index: int, estimators: Sequence) -> None:
+        """Copy scikit-learn decision trees (fitted on 0/1 labels of class ``index``) into this class's trees."""
+        if len(estimators) != self.feature.shape[1]:
+            raise ValueError(f"{len(estimators)} trees for a forest of {self.feature.shape[1]}")
+        for t, estimator in enumerate(estimators):
+            tree = estimator.tree_
+            if tree.max_depth > self.depth:
+                raise ValueError(f"a tree of depth {tree.max_depth} in a forest of depth {self.depth}")
+            positive = list(estimator.classes_).index(1)
+            self._copy_node(index, t, tree, 0, 0, 0, positive)
+
+    def _copy_node(self, index: int, t: int, tree, source: int, node: int, level: int, positive: int) -> None:
+        if level < self.depth and tree.children_left[source] != -1:
+            self.feature[index, t, node] = int(tree.feature[source])
+            self.threshold[index, t, node] = float(tree.threshold[source])
+            self._copy_node(index, t, tree, tree.children_left[source], 2 * node + 1, level + 1, positive)
+            self._copy_node(index, t, tree, tree.children_right[source], 2 * node + 2, level + 1, positive)
+            return
+        counts = tree.value[source, 0]
+        self._fill(index, t, node, level, float(counts[positive] / counts.sum()))
+
+    def _fill(self, index: int, t: int, node: int, level: int, probability: float) -> None:
+        if level == self.depth:
+            self.leaf[index, t, node - self.feature.shape[2]] = probability
+            return
+        self.threshold[index, t, node] = float("inf")
+        self._fill(index, t, 2 * node + 1, level + 1, probability)
+        self._fill(index, t, 2 * node + 2, level + 1, probability)
+
+
 @META_ARCH_REGISTRY.register()
 class PresenceRCNN(GeneralizedRCNN):
     """Mask R-CNN with :class:`PresenceHead` on the backbone (config keys ``SEVERSTAL.PRESENCE_*``).
 
     Training adds ``loss_presence`` to the detector's losses; inference is Mask R-CNN's, and
-    :meth:`presence_probs` gives the probabilities from the same feature maps.
+    :meth:`presence_probs` gives the probabilities from the same input and feature maps (from the forest when the
+    config has one).
     """
 
     @configurable
     def __init__(self, *, presence_in_features: tuple[str, ...], presence_hidden: int, presence_loss_weight: float,
-                 num_classes: int, **kwargs):
+                 num_classes: int, forest_trees: int = 0, forest_depth: int = 6, **kwargs):
         super().__init__(**kwargs)
         shapes = self.backbone.output_shape()
         self.presence_in_features = tuple(presence_in_features)
@@ -63,6 +166,7 @@ class PresenceRCNN(GeneralizedRCNN):
         self.num_classes = num_classes
         self.presence_head = PresenceHead([shapes[f].channels for f in self.presence_in_features], num_classes,
                                           presence_hidden)
+        self.presence_forest = PresenceForest(num_classes, forest_trees, forest_depth) if forest_trees else None
 
     @classmethod
     def from_config(cls, cfg):
@@ -70,15 +174,19 @@ class PresenceRCNN(GeneralizedRCNN):
         args.update(presence_in_features=tuple(cfg.SEVERSTAL.PRESENCE_IN_FEATURES),
                     presence_hidden=cfg.SEVERSTAL.PRESENCE_HIDDEN,
                     presence_loss_weight=cfg.SEVERSTAL.PRESENCE_LOSS_WEIGHT,
-                    num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+                    num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, forest_trees=cfg.SEVERSTAL.PRESENCE_FOREST_TREES,
+                    forest_depth=cfg.SEVERSTAL.PRESENCE_FOREST_DEPTH)
         return args
 
     def presence_logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, num_classes) logits from the backbone's feature maps."""
         return self.presence_head([features[f].float() for f in self.presence_in_features])
 
-    def presence_probs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, num_classes) probabilities that each class is on each image."""
+    def presence_probs(self, images: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, num_classes) probabilities that each class is on each image (``images``: the preprocessed batch
+        tensor the backbone saw)."""
+        if self.presence_forest is not None:
+            return self.presence_forest(texture_features(images))
         return torch.sigmoid(self.presence_logits(features))
 
     def forward(self, batched_inputs):
@@ -100,6 +208,34 @@ def presence_targets(gt_instances, num_classes: int) -> torch.Tensor:
     for row, instances in enumerate(gt_instances):
         targets[row, instances.gt_classes.cpu().unique()] = 1.0
     return targets
+
+
+def fit_presence_forest(model: PresenceRCNN, images: Sequence[torch.Tensor], labels: np.ndarray, seed: int = 0) -> None:
+    """Fit the model's forest per class on these images and load its trees into the model.
+
+    Args:
+        model: a :class:`PresenceRCNN` built with ``SEVERSTAL.PRESENCE_FOREST_TREES`` > 0.
+        images: (3, H, W) float tensors at the network's input size, before normalisation (as
+            ``severstal.model.predict.Predictor.preprocess`` gives them).
+        labels: (images, num_classes) 0/1: which classes each image holds. A class that every image or none holds
+            gets trees that always answer 1 or 0.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = model.presence_forest
+    trees = forest.feature.shape[1]
+    with torch.no_grad():
+        rows = [texture_features(model.preprocess_image([{"image": image}]).tensor).cpu() for image in images]
+    features = torch.cat(rows).numpy()
+    labels = np.asarray(labels, dtype=np.int64)
+    for index in range(labels.shape[1]):
+        if labels[:, index].min() == labels[:, index].max():
+            forest.leaf[index] = float(labels[0, index])
+            forest.threshold[index] = float("inf")
+            continue
+        classifier = RandomForestClassifier(trees, max_depth=forest.depth, min_samples_leaf=3, random_state=seed,
+                                            n_jobs=1).fit(features, labels[:, index])
+        forest.load_forest(index, classifier.estimators_)
 
 
 def has_presence(model: nn.Module) -> bool:

@@ -18,6 +18,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,11 +34,12 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from severstal.data.datasets import register_data_dir, unregister
-from severstal.files import CONFIG_FILE, SPLIT_FILE, WEIGHTS_FILE, write_text_atomic
+from severstal.files import CONFIG_FILE, SPLIT_FILE, WEIGHTS_FILE, atomic_path, write_text_atomic
 from severstal.model.augment import SteelMapper
 from severstal.model.backends import bf16_backbone, cpu_has_bf16
 from severstal.model.config import get_severstal_cfg, use_scratch_weights
 from severstal.model.evaluation import DiceEvaluator
+from severstal.model.presence import has_presence
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class SeverstalTrainer(DefaultTrainer):
         for hook in hook_list:
             if isinstance(hook, hooks.PeriodicWriter):
                 hook._period = self.cfg.SEVERSTAL.LOG_PERIOD
+        if self.cfg.SEVERSTAL.PRESENCE_FOREST_TREES and has_presence(self.model):
+            # before the final evaluation, which should see the fitted forest
+            at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
+            hook_list.insert(at, PresenceForestHook(self.cfg))
         return hook_list
 
     @classmethod
@@ -97,6 +103,37 @@ class SeverstalTrainer(DefaultTrainer):
             COCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder,
                           use_fast_impl=False),
         ])
+
+
+class PresenceForestHook(hooks.HookBase):
+    """After training: fit the presence forest (``severstal.model.presence``) on the training images, un-augmented,
+    at the network's input size, and put its trees into the final checkpoint (every rank fits the same trees)."""
+
+    def __init__(self, cfg: CfgNode):
+        self.cfg = cfg
+
+    def after_train(self):
+        from severstal.data.images import read_image
+        from severstal.model.predict import network_input, prediction_resize
+        from severstal.model.presence import fit_presence_forest
+
+        model = getattr(self.trainer.model, "module", self.trainer.model)
+        records = DatasetCatalog.get(self.cfg.DATASETS.TRAIN[0])
+        resize = prediction_resize(self.cfg)
+        images = [network_input(read_image(r["file_name"]), resize) for r in records]
+        labels = np.zeros((len(records), self.cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+        for row, record in enumerate(records):
+            labels[row, [a["category_id"] for a in record["annotations"]]] = 1
+        fit_presence_forest(model, images, labels, seed=self.cfg.SEVERSTAL.SPLIT_SEED)
+        log.info("presence forest fitted on %d training images (%s with each class)", len(records),
+                 " / ".join(str(int(n)) for n in labels.sum(0)))
+        path = Path(self.cfg.OUTPUT_DIR) / WEIGHTS_FILE
+        if comm.is_main_process() and path.is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint["model"] = {k: v.cpu() for k, v in model.state_dict().items()}
+            with atomic_path(path) as target:
+                torch.save(checkpoint, target)
+        comm.synchronize()
 
 
 def check_pretrained_weights(cfg: CfgNode) -> None:
