@@ -268,8 +268,9 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     int8.add_argument("--calibration", type=Path, help="folder of real images: the first N calibrate, up to the next "
                       "M check parity")
     int8.add_argument("--calibration-images", type=int, default=16, metavar="N", help="calibration images (default 16)")
-    int8.add_argument("--parity-images", type=int, default=64, metavar="M", help="images, never calibrated on, whose "
-                      "class masks must match fp32's (default 64: with 8, one mask that appears or vanishes costs 0.031)")
+    int8.add_argument("--parity-images", type=int, default=64, metavar="M",
+                      help="images, never calibrated on, whose class masks must match fp32's "
+                      "(default 64: with 8, one mask that appears or vanishes costs 0.031)")
 
 
 def run_export(args: argparse.Namespace) -> None:

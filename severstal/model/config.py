@@ -117,8 +117,8 @@ def validate_severstal_cfg(cfg: CfgNode) -> None:
     if not 0.0 <= s.BRIGHTNESS_CONTRAST < 1.0:
         raise ValueError(f"SEVERSTAL.BRIGHTNESS_CONTRAST must be in [0, 1), got {s.BRIGHTNESS_CONTRAST}")
     if s.PRESENCE_FOREST_TREES < 0 or not 1 <= s.PRESENCE_FOREST_DEPTH <= 12:
-        raise ValueError("SEVERSTAL.PRESENCE_FOREST_TREES must be >= 0 (0: off) and PRESENCE_FOREST_DEPTH in 1..12, got "
-                         f"{s.PRESENCE_FOREST_TREES} and {s.PRESENCE_FOREST_DEPTH}")
+        raise ValueError("SEVERSTAL.PRESENCE_FOREST_TREES must be >= 0 (0: off) and PRESENCE_FOREST_DEPTH in "
+                         f"1..12, got {s.PRESENCE_FOREST_TREES} and {s.PRESENCE_FOREST_DEPTH}")
     if s.CROP_WIDTH < 0:
         raise ValueError(f"SEVERSTAL.CROP_WIDTH must be 0 (off) or a width in pixels, got {s.CROP_WIDTH}")
 
