@@ -49,7 +49,7 @@ import torch
 import yaml
 
 from severstal.files import PRECISION_ENV, backends_for, check_backend, check_precision
-from severstal.model.presence import has_presence
+from severstal.model.presence import has_presence, has_semantic
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,11 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs")
 """The graph's outputs, in order: the fields of :class:`RawOutput`."""
 PRESENCE_NAME = "presence"
-"""The graph's last output when the model has the presence head: ``(num_classes,) float32`` probabilities."""
+"""An output of the graph when the model has the presence head: ``(num_classes,) float32`` probabilities."""
+CLASS_PROBS_NAME = "class_probs"
+"""An output of the graph when the model has the per-pixel head: ``(num_classes, H/4, W/4) float32``."""
+IMAGE_OUTPUTS = (PRESENCE_NAME, CLASS_PROBS_NAME)
+"""The graph's optional outputs, after :data:`OUTPUT_NAMES` in this order: one per image, not per detection."""
 METADATA_KEYS = {
     "config": "severstal.config",
     "thresholds": "severstal.thresholds",
@@ -68,9 +72,9 @@ METADATA_KEYS = {
     "precision": "severstal.precision",
 }
 """``metadata_props`` of an exported model: the config YAML, the thresholds JSON (``{"score_thresholds",
-"min_areas", "presence_thresholds"}``), the class names JSON (Detectron2's ``thing_classes``, indexed by the
-0-based class), the frozen detection cap, the name of the weights file and, for an int8 model, its precision
-(absent: fp32)."""
+"min_areas", "presence_thresholds", "pixel_thresholds"}``), the class names JSON (Detectron2's ``thing_classes``,
+indexed by the 0-based class), the frozen detection cap, the name of the weights file and, for an int8 model, its
+precision (absent: fp32)."""
 
 @dataclass
 class RawOutput:
@@ -83,6 +87,8 @@ class RawOutput:
         mask_probs: (N, M, M) float32 mask probabilities inside each box (M = 28 for Mask R-CNN).
         presence: (num_classes,) float32 image-level probability of each class, for a model with the presence
             head (``severstal.model.presence``); None otherwise.
+        class_probs: (num_classes, h, w) float32 probability of each class at each pixel, at the stride of the
+            per-pixel head (``SEVERSTAL.SEMANTIC_HEAD``) over the padded input; None for a model without it.
     """
 
     boxes: torch.Tensor
@@ -90,6 +96,7 @@ class RawOutput:
     classes: torch.Tensor
     mask_probs: torch.Tensor
     presence: torch.Tensor | None = None
+    class_probs: torch.Tensor | None = None
 
 
 class Backend(Protocol):
@@ -183,7 +190,9 @@ class TorchBackend:
             results = model.roi_heads.forward_with_given_boxes(features, instances)
             presence = (model.presence_probs(batch.tensor, features).float().cpu() if has_presence(model)
                         else [None] * len(images))
-        return [raw_output(r, p) for r, p in zip(results, presence)]
+            class_probs = (model.class_probs(features).float().cpu() if has_semantic(model)
+                           else [None] * len(images))
+        return [raw_output(r, p, c) for r, p, c in zip(results, presence, class_probs)]
 
 
 def bf16_backbone(backbone: torch.nn.Module) -> None:
@@ -213,23 +222,25 @@ def _forward_in_fp32(forward, x: torch.Tensor) -> torch.Tensor:
         return forward(x.float())
 
 
-def raw_output(instances, presence: torch.Tensor | None = None) -> RawOutput:
-    """Detectron2 ``Instances`` of ``model.inference(..., do_postprocess=False)`` (and the image's presence
-    probabilities, if any) -> :class:`RawOutput` (CPU, fp32)."""
+def raw_output(instances, presence: torch.Tensor | None = None,
+               class_probs: torch.Tensor | None = None) -> RawOutput:
+    """Detectron2 ``Instances`` of ``model.inference(..., do_postprocess=False)`` (and the image's presence and
+    pixel probabilities, if any) -> :class:`RawOutput` (CPU, fp32)."""
     return RawOutput(boxes=instances.pred_boxes.tensor.float().cpu(), scores=instances.scores.float().cpu(),
                      classes=instances.pred_classes.cpu(), mask_probs=instances.pred_masks[:, 0].float().cpu(),
-                     presence=presence)
+                     presence=presence, class_probs=class_probs)
 
 
 def exported_output(out: dict[str, torch.Tensor], max_detections: int | None, min_score: float) -> RawOutput:
     """An exported graph's outputs for one image (rows sorted by decreasing score) -> :class:`RawOutput`: the
     first ``max_detections`` rows, of those the ones scoring at least ``min_score``."""
-    presence = out.pop(PRESENCE_NAME, None)
+    presence, class_probs = (out.pop(name, None) for name in IMAGE_OUTPUTS)
     out = {name: value[:max_detections] for name, value in out.items()}
     keep = out["scores"] >= min_score
     return RawOutput(boxes=out["boxes"][keep].float(), scores=out["scores"][keep].float(),
                      classes=out["classes"][keep].long(), mask_probs=out["mask_probs"][keep].float(),
-                     presence=None if presence is None else presence.reshape(-1).float())
+                     presence=None if presence is None else presence.reshape(-1).float(),
+                     class_probs=None if class_probs is None else class_probs.float())
 
 
 class BackendUnavailable(RuntimeError):
@@ -401,12 +412,12 @@ def describe_backend(backend) -> str:
 
 
 def _check_io(names_in: list[str], names_out: list[str], source: str) -> tuple[str, ...]:
-    """The output names to fetch from an exported model (with :data:`PRESENCE_NAME` when it has it)."""
-    if names_in != [INPUT_NAME] or sorted(set(names_out) - {PRESENCE_NAME}) != sorted(OUTPUT_NAMES):
+    """The output names to fetch from an exported model (with those of :data:`IMAGE_OUTPUTS` it has)."""
+    if names_in != [INPUT_NAME] or sorted(set(names_out) - set(IMAGE_OUTPUTS)) != sorted(OUTPUT_NAMES):
         raise ValueError(f"{source} is not a severstal export: inputs {names_in}, outputs {names_out}; expected "
-                         f"[{INPUT_NAME!r}] -> {list(OUTPUT_NAMES)} [+ {PRESENCE_NAME!r}] (severstal export "
-                         "--format onnx)")
-    return OUTPUT_NAMES + ((PRESENCE_NAME,) if PRESENCE_NAME in names_out else ())
+                         f"[{INPUT_NAME!r}] -> {list(OUTPUT_NAMES)} [+ {' + '.join(map(repr, IMAGE_OUTPUTS))}] "
+                         "(severstal export --format onnx)")
+    return OUTPUT_NAMES + tuple(name for name in IMAGE_OUTPUTS if name in names_out)
 
 
 def _frozen_cap(exported: int | None, wanted: int | None, source: str) -> int | None:
@@ -540,7 +551,7 @@ class OpenVinoBackend:
             # finite boxes.
             valid = (out["scores"] >= self.score_floor) & (out["scores"] <= 1.0) & (out["classes"] >= 0)
             valid &= (out["classes"] < self.num_classes) & torch.isfinite(out["boxes"]).all(dim=1)
-            rows = {name: value if name == PRESENCE_NAME else value[valid] for name, value in out.items()}
+            rows = {name: value if name in IMAGE_OUTPUTS else value[valid] for name, value in out.items()}
             results.append(exported_output(rows, self.max_detections, min_score))
         return results
 

@@ -49,6 +49,11 @@ def add_severstal_config(cfg: CfgNode) -> None:
     # fitted on the training images after the detector (severstal.model.presence.PresenceForest), not the head.
     cfg.SEVERSTAL.PRESENCE_FOREST_TREES = 0
     cfg.SEVERSTAL.PRESENCE_FOREST_DEPTH = 6
+    # Class masks from a per-pixel head (Detectron2's SemSegFPNHead, MODEL.SEM_SEG_HEAD) on the PresenceRCNN's
+    # FPN instead of the union of instance masks; a pixel is of a class where its probability is at least the
+    # class's PIXEL_THRESHOLDS (tuned with the others). The instances are still detected and listed.
+    cfg.SEVERSTAL.SEMANTIC_HEAD = False
+    cfg.SEVERSTAL.PIXEL_THRESHOLDS = [0.5, 0.5, 0.5, 0.5]
     # Training augmentation (severstal.model.augment). Width in pixels of the original image of the random
     # crops a training image is cut to (0: the whole strip); prediction always sees the whole image.
     cfg.SEVERSTAL.CROP_WIDTH = 0
@@ -104,7 +109,7 @@ def get_severstal_cfg(name_or_path: str | Path, opts: list[str] | tuple[str, ...
 def validate_severstal_cfg(cfg: CfgNode) -> None:
     """Check the project's keys early, naming the allowed values."""
     s = cfg.SEVERSTAL
-    for key in ("SCORE_THRESHOLDS", "MIN_AREAS", "PRESENCE_THRESHOLDS"):
+    for key in ("SCORE_THRESHOLDS", "MIN_AREAS", "PRESENCE_THRESHOLDS", "PIXEL_THRESHOLDS"):
         if len(s[key]) != len(CLASS_IDS):
             raise ValueError(f"SEVERSTAL.{key} needs one value per class {CLASS_IDS}, got {list(s[key])}")
     if s.OPTIMIZER not in OPTIMIZERS:
@@ -119,6 +124,13 @@ def validate_severstal_cfg(cfg: CfgNode) -> None:
     if s.PRESENCE_FOREST_TREES < 0 or not 1 <= s.PRESENCE_FOREST_DEPTH <= 12:
         raise ValueError("SEVERSTAL.PRESENCE_FOREST_TREES must be >= 0 (0: off) and PRESENCE_FOREST_DEPTH in "
                          f"1..12, got {s.PRESENCE_FOREST_TREES} and {s.PRESENCE_FOREST_DEPTH}")
+    needs_presence = [k for k in ("PRESENCE_FOREST_TREES", "SEMANTIC_HEAD") if s[k]]
+    if needs_presence and cfg.MODEL.META_ARCHITECTURE != "PresenceRCNN":
+        raise ValueError(f"SEVERSTAL.{needs_presence[0]} needs MODEL.META_ARCHITECTURE \"PresenceRCNN\", got "
+                         f"{cfg.MODEL.META_ARCHITECTURE!r}")
+    if s.SEMANTIC_HEAD and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1:
+        raise ValueError("MODEL.SEM_SEG_HEAD.NUM_CLASSES must be MODEL.ROI_HEADS.NUM_CLASSES + 1 (the background), "
+                         f"got {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}")
     if s.CROP_WIDTH < 0:
         raise ValueError(f"SEVERSTAL.CROP_WIDTH must be 0 (off) or a width in pixels, got {s.CROP_WIDTH}")
 

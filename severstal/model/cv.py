@@ -82,7 +82,8 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
         batch = [read_image(images.files[i]) for i in image_ids[start : start + batch_size]]
         for det in predictor.detect(batch):
             detections.append(det)
-            records.append(make_record(det, thresholds, min_areas, predictor.presence_thresholds))
+            records.append(make_record(det, thresholds, min_areas, predictor.presence_thresholds,
+                                       predictor.pixel_thresholds))
     truth = images.masks[images.masks["ImageId"].isin(set(image_ids))]
     table = dice_table(records_frame(list(image_ids), records), truth, image_ids)
     empty = dice_table(truth.iloc[0:0], truth, image_ids)

@@ -36,6 +36,7 @@ from severstal.model.predict import (
     Detections,
     Predictor,
     class_instances,
+    class_pixels,
     keeps_class_mask,
     make_record,
     passes_gate,
@@ -47,11 +48,13 @@ log = logging.getLogger(__name__)
 SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREA_GRID = (0, 50, 100, 200, 400, 800, 1200, 1600, 2400, 3200)
 PRESENCE_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+PIXEL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 @dataclass
 class ImageDetections:
-    """:class:`Detections` of one image kept compact for tuning: masks as COCO RLE."""
+    """:class:`Detections` of one image kept compact for tuning: masks as COCO RLE, pixel probabilities (models
+    with the per-pixel head) in float16."""
 
     image_id: str
     det: Detections
@@ -61,7 +64,8 @@ class ImageDetections:
     def from_detections(cls, image_id: str, det: Detections) -> ImageDetections:
         rles = mask_util.encode(np.asfortranarray(det.masks.transpose(1, 2, 0).astype(np.uint8)))
         empty = np.zeros((0, det.height, det.width), dtype=bool)
-        compact = Detections(det.height, det.width, det.boxes, det.scores, det.class_ids, empty, det.presence)
+        probs = None if det.class_probs is None else det.class_probs.astype(np.float16)
+        compact = Detections(det.height, det.width, det.boxes, det.scores, det.class_ids, empty, det.presence, probs)
         return cls(image_id, compact, list(rles))
 
     @property
@@ -74,13 +78,14 @@ class ImageDetections:
 
     def to_detections(self) -> Detections:
         masks = mask_util.decode(self.rles).transpose(2, 0, 1).astype(bool) if self.rles else self.det.masks
+        probs = None if self.det.class_probs is None else self.det.class_probs.astype(np.float32)
         return Detections(self.det.height, self.det.width, self.det.boxes, self.det.scores, self.det.class_ids, masks,
-                          self.det.presence)
+                          self.det.presence, probs)
 
 
-def instances_to_detections(instances, height: int, width: int, presence=None) -> Detections:
-    """Detectron2 ``Instances`` (post-processed, original size) and the image's presence probabilities (or None)
-    -> :class:`Detections`."""
+def instances_to_detections(instances, height: int, width: int, presence=None, class_probs=None) -> Detections:
+    """Detectron2 ``Instances`` (post-processed, original size) and the image's presence and pixel probabilities
+    (or None) -> :class:`Detections`."""
     instances = instances.to("cpu")
     return Detections(
         height=height,
@@ -90,6 +95,7 @@ def instances_to_detections(instances, height: int, width: int, presence=None) -
         class_ids=instances.pred_classes.numpy().astype(np.int64) + 1,
         masks=instances.pred_masks.numpy().astype(bool),
         presence=None if presence is None else np.asarray(presence, dtype=np.float32),
+        class_probs=class_probs,
     )
 
 
@@ -125,6 +131,7 @@ class DiceEvaluator(DatasetEvaluator):
         self.score_thresholds = list(cfg.SEVERSTAL.SCORE_THRESHOLDS)
         self.min_areas = list(cfg.SEVERSTAL.MIN_AREAS)
         self.presence_thresholds = list(cfg.SEVERSTAL.PRESENCE_THRESHOLDS)
+        self.pixel_thresholds = list(cfg.SEVERSTAL.PIXEL_THRESHOLDS)
         self.reset()
 
     def reset(self):
@@ -133,9 +140,10 @@ class DiceEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
-            det = instances_to_detections(out["instances"], inp["height"], inp["width"], out.get("presence"))
+            det = instances_to_detections(out["instances"], inp["height"], inp["width"], out.get("presence"),
+                                          out.get("class_probs"))
             self.records[inp["image_id"]] = make_record(det, self.score_thresholds, self.min_areas,
-                                                        self.presence_thresholds)
+                                                        self.presence_thresholds, self.pixel_thresholds)
             self.detections.append(ImageDetections.from_detections(inp["image_id"], det))
 
     def evaluate(self):
@@ -153,48 +161,51 @@ class DiceEvaluator(DatasetEvaluator):
         results.update({f"dice_class_{c}": table["dice_per_class"][c] for c in CLASS_IDS})
         return OrderedDict(dice=results)
 
-    def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame, presence_thresholds=None) -> dict:
+    def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame, presence_thresholds=None,
+                pixel_thresholds=None) -> dict:
         """The Dice table of the stored detections under other thresholds (after :meth:`evaluate`)."""
         ids = [d.image_id for d in self.detections]
-        records = [make_record(d.to_detections(), score_thresholds, min_areas, presence_thresholds)
+        records = [make_record(d.to_detections(), score_thresholds, min_areas, presence_thresholds, pixel_thresholds)
                    for d in self.detections]
         return dice_table(records_frame(ids, records), truth, ids)
 
 
 def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shape=(256, 1600),
-                    score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID, presence_grid=PRESENCE_GRID) -> dict:
-    """Per class, the score threshold, minimum area and presence threshold that maximise mean Dice on these images.
+                    score_grid=SCORE_GRID, min_area_grid=MIN_AREA_GRID, presence_grid=PRESENCE_GRID,
+                    pixel_grid=PIXEL_GRID, score_thresholds=(0.5, 0.5, 0.5, 0.5)) -> dict:
+    """Per class, the score threshold (or, for a model with the per-pixel head, the pixel threshold), minimum area
+    and presence threshold that maximise mean Dice on these images.
 
     Classes are independent in mean Dice, so each is tuned alone over the grid. The presence grid is searched
     only when the detections carry presence probabilities (a model with the presence head); otherwise the gate
-    stays open (0). A class is only predicted where that beats leaving it empty on every image: otherwise its
-    minimum area becomes :data:`CLASS_OFF`. Ties go to the safer choice: off, then the highest gate, score
-    threshold and minimum area (on a few images an empty pair's whole point is worth more than a tie suggests).
+    stays open (0). When they carry pixel probabilities, the class masks come from them (``make_record``): the
+    pixel grid is searched instead of the score grid, and the score thresholds, which then only pick the
+    instances listed beside the masks, stay ``score_thresholds``. A class is only predicted where that beats
+    leaving it empty on every image: otherwise its minimum area becomes :data:`CLASS_OFF`. Ties go to the safer
+    choice: off, then the highest gate, threshold and minimum area (on a few images an empty pair's whole point is
+    worth more than a tie suggests).
 
     Returns:
         ``{"score_thresholds": [4 floats], "min_areas": [4 ints], "presence_thresholds": [4 floats], "curves":
-        {class: {threshold: [dice per min area]}} (at the chosen gate), "dice_per_class": {class: best dice}}``.
+        {class: {threshold: [dice per min area]}} (at the chosen gate), "dice_per_class": {class: best dice}}``,
+        and ``"pixel_thresholds"`` for a model with the per-pixel head.
     """
 
     truth_rles = {(r.ImageId, int(r.ClassId)): kaggle_to_coco_rle(r.EncodedPixels, shape) for r in truth.itertuples()}
     gated = bool(detections) and all(d.det.presence is not None for d in detections)
+    pixels = bool(detections) and all(d.det.class_probs is not None for d in detections)
     gates = presence_grid if gated else (0.0,)
+    grid = pixel_grid if pixels else score_grid
     result = {"score_thresholds": [], "min_areas": [], "presence_thresholds": [], "curves": {}, "dice_per_class": {}}
     for index, class_id in enumerate(CLASS_IDS):
         presence = np.array([d.det.presence[index] for d in detections]) if gated else None
+        areas = _pixel_areas if pixels else _instance_areas
         curves: dict = {gate: {} for gate in gates}
         empty = float(np.mean([(d.image_id, class_id) not in truth_rles for d in detections])) if detections else 1.0
-        best = (empty, score_grid[-1], CLASS_OFF, gates[0])
-        for t in reversed(score_grid):
-            inter, pred, true = [], [], []
-            for d in detections:
-                chosen = [d.rles[i] for i in class_instances(d.class_ids, d.scores, class_id, t)]
-                union = mask_util.merge(chosen) if chosen else None
-                gt = truth_rles.get((d.image_id, class_id))
-                pred.append(int(mask_util.area(union)) if union else 0)
-                true.append(int(mask_util.area(gt)) if gt else 0)
-                inter.append(int(mask_util.area(mask_util.merge([union, gt], intersect=True))) if union and gt else 0)
-            inter, pred, true = map(np.asarray, (inter, pred, true))
+        best = (empty, grid[-1], CLASS_OFF, gates[0])
+        for t in reversed(grid):
+            inter, pred, true = map(np.asarray, zip(*[areas(d, index, t, truth_rles.get((d.image_id, class_id)))
+                                                      for d in detections]) if detections else ([], [], []))
             for gate in reversed(gates):
                 row = []
                 for min_area in min_area_grid:
@@ -204,17 +215,35 @@ def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shap
                 j = len(row) - 1 - int(np.argmax(row[::-1]))  # the largest minimum area among the best
                 if row[j] > best[0]:
                     best = (row[j], t, min_area_grid[j], gate)
-        result["score_thresholds"].append(best[1])
+        if pixels:
+            result.setdefault("pixel_thresholds", []).append(best[1])
+        result["score_thresholds"].append(score_thresholds[index] if pixels else best[1])
         result["min_areas"].append(best[2])
         result["presence_thresholds"].append(best[3])
-        result["curves"][class_id] = {t: curves[best[3]][t] for t in score_grid}
+        result["curves"][class_id] = {t: curves[best[3]][t] for t in grid}
         result["dice_per_class"][class_id] = best[0]
     return result
 
 
+def _instance_areas(d: ImageDetections, index: int, threshold: float, gt) -> tuple[int, int, int]:
+    """(intersection, predicted, true) pixels of class ``index``'s mask from instances scoring ``threshold``."""
+    chosen = [d.rles[i] for i in class_instances(d.class_ids, d.scores, CLASS_IDS[index], threshold)]
+    union = mask_util.merge(chosen) if chosen else None
+    inter = int(mask_util.area(mask_util.merge([union, gt], intersect=True))) if union and gt else 0
+    return inter, int(mask_util.area(union)) if union else 0, int(mask_util.area(gt)) if gt else 0
+
+
+def _pixel_areas(d: ImageDetections, index: int, threshold: float, gt) -> tuple[int, int, int]:
+    """(intersection, predicted, true) pixels of class ``index``'s mask from the per-pixel head at ``threshold``."""
+    mask = class_pixels(d.det.class_probs[index], threshold)
+    true = mask_util.decode(gt).astype(bool) if gt else None
+    return int((mask & true).sum()) if gt else 0, int(mask.sum()), int(true.sum()) if gt else 0
+
+
 def save_thresholds(tuned: dict, folder: str | Path) -> Path:
     """Write what :func:`tune_thresholds` chose as the run's ``thresholds.json``, checked, atomically."""
-    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "presence_thresholds", "dice_per_class")}
+    saved = {k: tuned[k] for k in ("score_thresholds", "min_areas", "presence_thresholds", "pixel_thresholds",
+                                   "dice_per_class") if k in tuned}
     return Thresholds.from_dict(saved, where=str(Path(folder) / THRESHOLDS_FILE)).write(folder)
 
 
@@ -281,7 +310,8 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         for start in tqdm(range(0, len(dicts), batch_size), desc="evaluate", unit="batch"):
             batch = dicts[start : start + batch_size]
             dets = predictor.detect([read_image(d["file_name"]) for d in batch])
-            evaluators.process(batch, [{"instances": detections_to_instances(d), "presence": d.presence} for d in dets])
+            evaluators.process(batch, [{"instances": detections_to_instances(d), "presence": d.presence,
+                                        "class_probs": d.class_probs} for d in dets])
         raw = evaluators.evaluate()
         truth = truth_frame(dicts)
     finally:
@@ -297,9 +327,10 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         "images": len(split["val"]),
     }
     if tune:
-        tuned = tune_thresholds(dice_eval.detections, truth)
+        tuned = tune_thresholds(dice_eval.detections, truth, score_thresholds=cfg.SEVERSTAL.SCORE_THRESHOLDS)
         save_thresholds(tuned, bundle.folder)
-        table = dice_eval.rescore(tuned["score_thresholds"], tuned["min_areas"], truth, tuned["presence_thresholds"])
+        table = dice_eval.rescore(tuned["score_thresholds"], tuned["min_areas"], truth, tuned["presence_thresholds"],
+                                  tuned.get("pixel_thresholds"))
         results["mean_dice_untuned"] = results["mean_dice"]
         results["mean_dice"] = table["mean_dice"]
         results["dice_per_class"] = {str(c): table["dice_per_class"][c] for c in CLASS_IDS}
@@ -307,6 +338,8 @@ def evaluate(weights: str | Path, data_dir: str | Path | None = None, output_dir
         results["score_thresholds"] = tuned["score_thresholds"]
         results["min_areas"] = tuned["min_areas"]
         results["presence_thresholds"] = tuned["presence_thresholds"]
+        if "pixel_thresholds" in tuned:
+            results["pixel_thresholds"] = tuned["pixel_thresholds"]
         results["threshold_curves"] = {"min_areas": list(MIN_AREA_GRID), "dice": {
             str(c): {f"{t:g}": row for t, row in curves.items()} for c, curves in tuned["curves"].items()}}
     write_text_atomic(output_dir / EVALUATION_FILE, json.dumps(results, indent=1))

@@ -43,6 +43,7 @@ from severstal.data.datasets import THING_CLASSES
 from severstal.data.rle import SHAPE
 from severstal.files import CONFIG_FILE, ENGINE_FILE, ONNX_FILE, atomic_path
 from severstal.model.backends import (
+    CLASS_PROBS_NAME,
     INPUT_NAME,
     METADATA_KEYS,
     OUTPUT_NAMES,
@@ -53,7 +54,7 @@ from severstal.model.backends import (
 )
 from severstal.model.config import load_bundle
 from severstal.model.predict import Predictor
-from severstal.model.presence import has_presence
+from severstal.model.presence import has_presence, has_semantic
 from severstal.model.run import Thresholds, files_with_model
 
 log = logging.getLogger(__name__)
@@ -118,20 +119,22 @@ def _trace_to_onnx(model, sample, opset: int) -> bytes:
     import torch
     from detectron2.export import TracingAdapter
 
-    gated = has_presence(model)
-    output_names = list(OUTPUT_NAMES) + ([PRESENCE_NAME] if gated else [])
+    gated, semantic = has_presence(model), has_semantic(model)
+    output_names = list(OUTPUT_NAMES) + [PRESENCE_NAME] * gated + [CLASS_PROBS_NAME] * semantic
 
     def raw_outputs(model, image):
-        # The stages of model.inference(do_postprocess=False), keeping the features for the presence head.
+        # The stages of model.inference(do_postprocess=False), keeping the features for the image-level heads.
         batch = model.preprocess_image([{"image": image}])
         features = model.backbone(batch.tensor)
         proposals, _ = model.proposal_generator(batch, features, None)
         instances = model.roi_heads(batch, features, proposals, None)[0][0]
         out = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes, instances.pred_masks[:, 0])
-        return out + ((model.presence_probs(batch.tensor, features)[0],) if gated else ())
+        out += (model.presence_probs(batch.tensor, features)[0],) if gated else ()
+        return out + ((model.class_probs(features)[0],) if semantic else ())
 
     adapter = TracingAdapter(model, sample, raw_outputs)
     dynamic = {INPUT_NAME: {1: "height", 2: "width"}} | {name: {0: "detections"} for name in OUTPUT_NAMES}
+    dynamic |= {CLASS_PROBS_NAME: {1: "map_height", 2: "map_width"}} if semantic else {}
     buffer = io.BytesIO()
     # The tracer warns at every Python branch on a tensor (dozens of lines); the branches that matter are
     # covered by the parity tests, so the warnings are logged at DEBUG level instead of printed.

@@ -4,7 +4,7 @@ The pipeline is split so that every backend (PyTorch, ONNX Runtime, TensorRT) sh
 post-processing and differs only in running the network:
 
     preprocess (decode, resize)  ->  backend.run  ->  postprocess (rescale boxes, flip-merge, paste masks)
-    ->  Detections  ->  make_record (score thresholds, minimum areas, RLE)
+    ->  Detections  ->  make_record (score thresholds, minimum areas, presence gate, RLE)
 
 A record is the REST answer for one image (the README's curl stage shows one)::
 
@@ -50,6 +50,8 @@ class Detections:
         class_ids: (N,) int64, Kaggle class ids 1..4.
         masks: (N, height, width) bool.
         presence: (4,) float32 image-level probability of classes 1..4 (models with the presence head), or None.
+        class_probs: (4, height, width) float32 probability of classes 1..4 at each pixel (models with the
+            per-pixel head, ``SEVERSTAL.SEMANTIC_HEAD``), or None.
     """
 
     height: int
@@ -59,6 +61,7 @@ class Detections:
     class_ids: np.ndarray
     masks: np.ndarray
     presence: np.ndarray | None = None
+    class_probs: np.ndarray | None = None
 
 
 def prediction_resize(cfg) -> T.ResizeShortestEdge:
@@ -112,6 +115,11 @@ class Predictor:
         """Per class 1..4, the presence probability under which a class mask is emptied (see :func:`make_record`)."""
         return list(self.cfg.SEVERSTAL.PRESENCE_THRESHOLDS)
 
+    @property
+    def pixel_thresholds(self) -> list[float]:
+        """Per class 1..4, the probability a pixel of the per-pixel head needs to be in the class mask."""
+        return list(self.cfg.SEVERSTAL.PIXEL_THRESHOLDS)
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 BGR -> (3, H', W') float32 tensor at the network's input size."""
         return network_input(image, self.resize)
@@ -163,12 +171,25 @@ class Predictor:
             class_ids=raw.classes[keep].numpy().astype(np.int64) + 1,
             masks=masks,
             presence=None if raw.presence is None else raw.presence.numpy().astype(np.float32),
+            class_probs=None if raw.class_probs is None else self._pixel_map(raw.class_probs, input_hw,
+                                                                             (height, width)),
         )
+
+    def _pixel_map(self, class_probs: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]):
+        """(C, h, w) probabilities over the padded input at the head's stride -> (C, H, W) float32 at the original
+        size: upsampled to the input's pixels (as Detectron2's semantic heads do), cropped to the unpadded input,
+        resized to the image."""
+        stride = self.cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE
+        x = torch.nn.functional.interpolate(class_probs[None].float(), scale_factor=stride, mode="bilinear",
+                                            align_corners=False)[..., : input_hw[0], : input_hw[1]]
+        if tuple(input_hw) != tuple(original_hw):
+            x = torch.nn.functional.interpolate(x, size=original_hw, mode="bilinear", align_corners=False)
+        return x[0].numpy().astype(np.float32)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict]:
         """Records (the REST answer) for a batch of (H, W, 3) uint8 BGR images."""
         thresholds, min_areas = self.thresholds
-        return [make_record(d, thresholds, min_areas, self.presence_thresholds)
+        return [make_record(d, thresholds, min_areas, self.presence_thresholds, self.pixel_thresholds)
                 for d in self.detect(images, min_scores=thresholds)]
 
     def predict_files(self, paths: Iterable[Path], batch_size: int = 4, progress: bool = True,
@@ -200,20 +221,26 @@ def _unflip(raw: RawOutput, input_hw: tuple[int, int], flip: str) -> RawOutput:
     else:
         boxes[:, [1, 3]] = input_hw[0] - raw.boxes[:, [3, 1]]
         masks = raw.mask_probs.flip(1)
-    return RawOutput(boxes=boxes, scores=raw.scores, classes=raw.classes, mask_probs=masks, presence=raw.presence)
+    # The pixel map covers the input padded to the backbone's size divisibility: a flip of a padded input would
+    # shift it by the padding (Severstal's 1600 x 256 strips have none).
+    class_probs = None if raw.class_probs is None else raw.class_probs.flip(2 if flip == "horizontal" else 1)
+    return RawOutput(boxes=boxes, scores=raw.scores, classes=raw.classes, mask_probs=masks, presence=raw.presence,
+                     class_probs=class_probs)
 
 
 def _merge(a: RawOutput, b: RawOutput, iou: float, views: int = 2) -> RawOutput:
     """Merge two views' detections: per-class NMS, then each kept detection takes the mean score and
     mask of the detections it overlaps (same class, IoU > ``iou``); one view's lone detection is halved.
-    Presence probabilities are averaged over the ``views`` seen so far (``a`` holds the mean of ``views - 1``)."""
+    Presence and pixel probabilities are averaged over the ``views`` seen so far (``a`` holds the mean of
+    ``views - 1``)."""
     presence = None if a.presence is None else (a.presence * (views - 1) + b.presence) / views
+    class_probs = None if a.class_probs is None else (a.class_probs * (views - 1) + b.class_probs) / views
     boxes = torch.cat([a.boxes, b.boxes])
     scores = torch.cat([a.scores, b.scores])
     classes = torch.cat([a.classes, b.classes])
     masks = torch.cat([a.mask_probs, b.mask_probs])
     if len(boxes) == 0:
-        return RawOutput(a.boxes, a.scores, a.classes, a.mask_probs, presence)
+        return RawOutput(a.boxes, a.scores, a.classes, a.mask_probs, presence, class_probs)
     keep = batched_nms(boxes, scores, classes, iou)
     overlap = pairwise_iou(Boxes(boxes[keep]), Boxes(boxes)) > iou
     overlap &= classes[keep][:, None] == classes[None, :]
@@ -224,6 +251,7 @@ def _merge(a: RawOutput, b: RawOutput, iou: float, views: int = 2) -> RawOutput:
         classes=classes[keep],
         mask_probs=torch.einsum("kn,nij->kij", weights, masks) / weights.sum(1).clamp(min=1e-6)[:, None, None],
         presence=presence,
+        class_probs=class_probs,
     )
 
 
@@ -256,18 +284,29 @@ def passes_gate(presence, threshold: float):
     return True if presence is None else np.asarray(presence) >= threshold
 
 
+def class_pixels(class_probs: np.ndarray, threshold: float) -> np.ndarray:
+    """A class mask from the per-pixel head: the pixels whose probability of the class is at least ``threshold``.
+    Part of the one class-mask rule (see :func:`class_instances`)."""
+    return class_probs >= threshold
+
+
 def make_record(det: Detections, score_thresholds: Sequence[float], min_areas: Sequence[int],
-                presence_thresholds: Sequence[float] | None = None) -> dict:
+                presence_thresholds: Sequence[float] | None = None,
+                pixel_thresholds: Sequence[float] | None = None) -> dict:
     """The answer for one image: instances above their class's score threshold, and per-class masks.
 
-    A class mask is the union of its kept instances (:func:`class_instances`); when :func:`keeps_class_mask`
-    or the presence gate (:func:`passes_gate`, models with the presence head) says no, it is emptied together
-    with its instances.
+    A class mask is the union of its kept instances (:func:`class_instances`), or for a model with the per-pixel
+    head its pixels at the class's pixel threshold (:func:`class_pixels`, default 0.5); when
+    :func:`keeps_class_mask` or the presence gate (:func:`passes_gate`, models with the presence head) says no,
+    it is emptied together with its instances.
     """
     defects, classes = [], {}
     for index, class_id in enumerate(CLASS_IDS):
         chosen = class_instances(det.class_ids, det.scores, class_id, score_thresholds[index])
-        union = det.masks[chosen].any(axis=0) if len(chosen) else None
+        if det.class_probs is not None:
+            union = class_pixels(det.class_probs[index], pixel_thresholds[index] if pixel_thresholds else 0.5)
+        else:
+            union = det.masks[chosen].any(axis=0) if len(chosen) else None
         gate = presence_thresholds[index] if presence_thresholds is not None else 0.0
         presence = None if det.presence is None else det.presence[index]
         if union is None or not keeps_class_mask(int(union.sum()), min_areas[index]) or not passes_gate(presence, gate):

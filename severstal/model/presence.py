@@ -19,6 +19,13 @@ three scales), fitted with scikit-learn on the training images once the detector
 (:func:`fit_presence_forest`). From a hundred real strips it tells the classes apart far better than the head on
 a backbone trained from random weights (docs/real-steel.md). Its trees live in the model's state dict as
 fixed-shape tensors (:class:`PresenceForest`), so the checkpoint, the ONNX graph and both servers carry it.
+
+With ``SEVERSTAL.SEMANTIC_HEAD`` the model also has Detectron2's own per-pixel head (``SemSegFPNHead``, configured
+by ``MODEL.SEM_SEG_HEAD``: background and one channel per class, softmax) on the same FPN, trained on the class
+label map of each training image (:func:`semantic_targets`). Its probabilities at a quarter of the input size
+(:meth:`PresenceRCNN.class_probs`, the graph's ``class_probs`` output) then make the class masks, at the tuned
+``SEVERSTAL.PIXEL_THRESHOLDS``: from a few real strips a dense head learns long, thin and large defects far
+better than instance masks of 28x28 in proposals that must first be found (docs/real-steel.md).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from torch import nn
 
 PRESENCE_ARCH = "PresenceRCNN"
@@ -149,17 +156,20 @@ class PresenceForest(nn.Module):
 
 @META_ARCH_REGISTRY.register()
 class PresenceRCNN(GeneralizedRCNN):
-    """Mask R-CNN with :class:`PresenceHead` on the backbone (config keys ``SEVERSTAL.PRESENCE_*``).
+    """Mask R-CNN with :class:`PresenceHead` on the backbone (config keys ``SEVERSTAL.PRESENCE_*``), and
+    optionally the per-pixel head (``SEVERSTAL.SEMANTIC_HEAD``).
 
-    Training adds ``loss_presence`` to the detector's losses; inference is Mask R-CNN's, and
-    :meth:`presence_probs` gives the probabilities from the same input and feature maps (from the forest when the
-    config has one).
+    Training adds ``loss_presence`` (and ``loss_sem_seg``) to the detector's losses; inference is Mask R-CNN's,
+    and :meth:`presence_probs` and :meth:`class_probs` give the image-level and pixel probabilities from the same
+    input and feature maps (the presence from the forest when the config has one).
     """
 
     @configurable
     def __init__(self, *, presence_in_features: tuple[str, ...], presence_hidden: int, presence_loss_weight: float,
-                 num_classes: int, forest_trees: int = 0, forest_depth: int = 6, **kwargs):
+                 num_classes: int, forest_trees: int = 0, forest_depth: int = 6,
+                 sem_seg_head: nn.Module | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.sem_seg_head = sem_seg_head
         shapes = self.backbone.output_shape()
         self.presence_in_features = tuple(presence_in_features)
         self.presence_loss_weight = presence_loss_weight
@@ -176,6 +186,8 @@ class PresenceRCNN(GeneralizedRCNN):
                     presence_loss_weight=cfg.SEVERSTAL.PRESENCE_LOSS_WEIGHT,
                     num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, forest_trees=cfg.SEVERSTAL.PRESENCE_FOREST_TREES,
                     forest_depth=cfg.SEVERSTAL.PRESENCE_FOREST_DEPTH)
+        if cfg.SEVERSTAL.SEMANTIC_HEAD:
+            args["sem_seg_head"] = build_sem_seg_head(cfg, args["backbone"].output_shape())
         return args
 
     def presence_logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,6 +201,12 @@ class PresenceRCNN(GeneralizedRCNN):
             return self.presence_forest(texture_features(images))
         return torch.sigmoid(self.presence_logits(features))
 
+    def class_probs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, num_classes, H/4, W/4) probability of each class at each pixel, from the per-pixel head's softmax
+        (its background channel left out); at the stride of ``MODEL.SEM_SEG_HEAD.COMMON_STRIDE``."""
+        logits = self.sem_seg_head.layers({f: features[f].float() for f in self.sem_seg_head.in_features})
+        return torch.softmax(logits, dim=1)[:, 1:]
+
     def forward(self, batched_inputs):
         if not self.training:
             return super().forward(batched_inputs)
@@ -199,7 +217,11 @@ class PresenceRCNN(GeneralizedRCNN):
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         targets = presence_targets(gt_instances, self.num_classes).to(self.device)
         loss = F.binary_cross_entropy_with_logits(self.presence_logits(features), targets)
-        return {**detector_losses, **proposal_losses, "loss_presence": loss * self.presence_loss_weight}
+        losses = {**detector_losses, **proposal_losses, "loss_presence": loss * self.presence_loss_weight}
+        if self.sem_seg_head is not None:
+            labels = semantic_targets(gt_instances, images, self.sem_seg_head.ignore_value).to(self.device)
+            losses.update(self.sem_seg_head({f: v.float() for f, v in features.items()}, labels)[1])
+        return losses
 
 
 def presence_targets(gt_instances, num_classes: int) -> torch.Tensor:
@@ -208,6 +230,19 @@ def presence_targets(gt_instances, num_classes: int) -> torch.Tensor:
     for row, instances in enumerate(gt_instances):
         targets[row, instances.gt_classes.cpu().unique()] = 1.0
     return targets
+
+
+def semantic_targets(gt_instances, images, ignore_value: int) -> torch.Tensor:
+    """(B, H, W) int64 label map of a padded batch (Detectron2 ``ImageList``): 0 background, 1 + the 0-based
+    class under each instance mask (a later instance wins where two overlap), ``ignore_value`` on the padding."""
+    height, width = images.tensor.shape[-2:]
+    labels = torch.full((len(gt_instances), height, width), ignore_value, dtype=torch.long)
+    for row, (instances, (h, w)) in enumerate(zip(gt_instances, images.image_sizes)):
+        labels[row, :h, :w] = 0
+        masks = instances.gt_masks.tensor.cpu() if len(instances) else torch.zeros(0, h, w, dtype=torch.bool)
+        for mask, cls in zip(masks, instances.gt_classes.cpu()):
+            labels[row, :h, :w][mask[:h, :w]] = int(cls) + 1
+    return labels
 
 
 def fit_presence_forest(model: PresenceRCNN, images: Sequence[torch.Tensor], labels: np.ndarray, seed: int = 0) -> None:
@@ -241,3 +276,8 @@ def fit_presence_forest(model: PresenceRCNN, images: Sequence[torch.Tensor], lab
 def has_presence(model: nn.Module) -> bool:
     """Whether a (possibly DDP-wrapped) model has the presence head."""
     return isinstance(getattr(model, "module", model), PresenceRCNN)
+
+
+def has_semantic(model: nn.Module) -> bool:
+    """Whether a (possibly DDP-wrapped) model has the per-pixel head (``SEVERSTAL.SEMANTIC_HEAD``)."""
+    return getattr(getattr(model, "module", model), "sem_seg_head", None) is not None

@@ -74,13 +74,17 @@ def copy_run(src: str | Path, dst: str | Path, overrides: Sequence[str] = ()) ->
 
 _PER_CLASS = {"score_thresholds": (float, 0.0, 1.0, "in [0, 1]"),
               "min_areas": (int, 0, math.inf, ">= 0 (pixels)"),
-              "presence_thresholds": (float, 0.0, 1.0, "in [0, 1]")}
+              "presence_thresholds": (float, 0.0, 1.0, "in [0, 1]"),
+              "pixel_thresholds": (float, 0.0, 1.0, "in [0, 1]")}
 """Per-class fields: the type of a value, its bounds and how the bounds read in an error."""
+_REQUIRED = ("score_thresholds", "min_areas")
+"""The per-class fields every ``thresholds.json`` has; the others are absent in runs tuned before they existed."""
 
 
 def check_per_class(name: str, values) -> tuple:
-    """``values`` of the per-class field ``name`` (``score_thresholds``, ``min_areas``, ``presence_thresholds``),
-    checked and converted: one number per class in the field's range. ValueError otherwise, naming the field."""
+    """``values`` of the per-class field ``name`` (``score_thresholds``, ``min_areas``, ``presence_thresholds``,
+    ``pixel_thresholds``), checked and converted: one number per class in the field's range. ValueError otherwise,
+    naming the field."""
     kind, low, high, bounds = _PER_CLASS[name]
     wrong = ValueError(f"{name} needs {len(CLASS_IDS)} values {bounds}, one per class {CLASS_IDS}; got {values!r}")
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != len(CLASS_IDS):
@@ -101,6 +105,8 @@ class Thresholds:
         min_areas: per class 1..4, the pixels a class mask needs, else it is emptied (``SEVERSTAL.MIN_AREAS``).
         presence_thresholds: per class 1..4, the presence probability a class mask needs
             (``SEVERSTAL.PRESENCE_THRESHOLDS``); None in runs tuned before the presence gate: the config's stand.
+        pixel_thresholds: per class 1..4, the probability a pixel of the per-pixel head needs to be of the class
+            (``SEVERSTAL.PIXEL_THRESHOLDS``, models with ``SEVERSTAL.SEMANTIC_HEAD``); None: the config's stand.
         dice_per_class: class id (a string, as in JSON) -> the Dice tuning reached; for the reader, never applied.
 
     Every value is checked when the object is made, so a ``thresholds.json`` that is read or written is valid.
@@ -109,11 +115,12 @@ class Thresholds:
     score_thresholds: tuple[float, ...]
     min_areas: tuple[int, ...]
     presence_thresholds: tuple[float, ...] | None = None
+    pixel_thresholds: tuple[float, ...] | None = None
     dice_per_class: Mapping[str, float] | None = None
 
     def __post_init__(self):
         for name in _PER_CLASS:
-            if name != "presence_thresholds" or self.presence_thresholds is not None:
+            if name in _REQUIRED or getattr(self, name) is not None:
                 object.__setattr__(self, name, check_per_class(name, getattr(self, name)))
         if self.dice_per_class is not None:
             dice = self.dice_per_class
@@ -129,7 +136,7 @@ class Thresholds:
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: needs a JSON object with {allowed}; got {data!r}")
         unknown = sorted(set(data) - set(allowed))
-        missing = [name for name in allowed[:2] if name not in data]
+        missing = [name for name in _REQUIRED if name not in data]
         if unknown or missing:
             raise ValueError(f"{where}: " + (f"unknown fields {unknown}; allowed: {allowed}" if unknown
                                              else f"{missing[0]} is missing"))
@@ -142,7 +149,8 @@ class Thresholds:
     def from_cfg(cls, cfg) -> Thresholds:
         """The thresholds a Severstal config holds (``cfg.SEVERSTAL``)."""
         s = cfg.SEVERSTAL
-        return cls(tuple(s.SCORE_THRESHOLDS), tuple(s.MIN_AREAS), tuple(s.PRESENCE_THRESHOLDS))
+        return cls(tuple(s.SCORE_THRESHOLDS), tuple(s.MIN_AREAS), tuple(s.PRESENCE_THRESHOLDS),
+                   tuple(s.PIXEL_THRESHOLDS))
 
     @classmethod
     def read(cls, folder: str | Path) -> Thresholds | None:
@@ -165,8 +173,8 @@ class Thresholds:
         return write_text_atomic(Path(folder) / THRESHOLDS_FILE, json.dumps(self.to_dict(), indent=1))
 
     def per_class(self) -> dict[str, list]:
-        """The decisions prediction applies, as JSON lists: the score and area thresholds, and the presence
-        thresholds when set."""
+        """The decisions prediction applies, as JSON lists: the score and area thresholds, and the presence and
+        pixel thresholds when set."""
         return {name: list(getattr(self, name)) for name in _PER_CLASS if getattr(self, name) is not None}
 
     def to_dict(self) -> dict:
@@ -175,8 +183,6 @@ class Thresholds:
         return {**self.per_class(), **tuned}
 
     def apply(self, cfg) -> None:
-        """Set these thresholds in a Severstal config, in place (the presence thresholds when set)."""
-        cfg.SEVERSTAL.SCORE_THRESHOLDS = list(self.score_thresholds)
-        cfg.SEVERSTAL.MIN_AREAS = list(self.min_areas)
-        if self.presence_thresholds is not None:
-            cfg.SEVERSTAL.PRESENCE_THRESHOLDS = list(self.presence_thresholds)
+        """Set these thresholds in a Severstal config, in place (the presence and pixel thresholds when set)."""
+        for name, values in self.per_class().items():
+            cfg.SEVERSTAL[name.upper()] = values
