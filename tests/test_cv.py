@@ -40,6 +40,8 @@ def test_cv_scores_every_complete_image_once_against_all_empty_and_resumes(real_
         assert fold["all_empty"] == pytest.approx(1 - fold["defect_pairs"] / (4 * 50))
         assert fold["gain"] == pytest.approx(fold["dice"] - fold["all_empty"])
         assert 0.0 <= fold["dice_defect_pairs"] <= 1.0 and 0.0 <= fold["dice"] <= 1.0
+        # The gate and the minimum areas only empty masks: on a pair with a defect that never raises its Dice.
+        assert fold["dice_defect_pairs"] <= fold["dice_defect_pairs_ungated"] <= 1.0
         run = out / f"fold{k}" / "run"
         trained_on = json.loads((run / "split.json").read_text())
         assert not set(trained_on["train"] + trained_on["val"]) & held_out[k]  # no leak into training or tuning

@@ -114,17 +114,21 @@ def test_an_image_of_another_size_is_answered_at_its_size(server, jpeg):
 
 def test_concurrent_requests_are_batched(server, jpeg):
     n = 8
-    barrier = threading.Barrier(n)
+    all_sizes = []
+    for _ in range(4):  # on a loaded machine one burst may arrive spread out; a batch must form within a few
+        barrier = threading.Barrier(n)
 
-    def post(_):
-        barrier.wait()
-        return requests.post(server.predictions_url(), data=jpeg, timeout=120)
+        def post(_, barrier=barrier):
+            barrier.wait()
+            return requests.post(server.predictions_url(), data=jpeg, timeout=120)
 
-    with ThreadPoolExecutor(n) as pool:
-        responses = list(pool.map(post, range(n)))
-    assert [r.status_code for r in responses] == [200] * n
-    sizes = [int(r.headers[serve_worker.BATCH_HEADER]) for r in responses]
-    assert max(sizes) > 1, sizes
+        with ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(post, range(n)))
+        assert [r.status_code for r in responses] == [200] * n
+        all_sizes.append([int(r.headers[serve_worker.BATCH_HEADER]) for r in responses])
+        if max(all_sizes[-1]) > 1:
+            break
+    assert max(all_sizes[-1]) > 1, all_sizes
 
 
 def test_bench_serve_against_the_server(server, real_data, small_run):

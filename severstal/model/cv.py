@@ -9,8 +9,10 @@ never trained on nor scored. Every fold writes ``fold<k>/fold.json`` when it is 
 
 Output (``cv.json``): ``{"plan": {...}, "folds": [fold results], "mean": {...}, "spread": {...}}``, where a fold
 result holds ``dice``, ``all_empty``, ``dice_defect_pairs`` (Dice on the pairs whose true mask is not empty),
-``dice_per_class``, ``presence_auc`` (per class, ROC AUC of the image-level score: the presence head's
-probability, else the best detection score of the class), the tuned thresholds, ``images`` and ``seconds``.
+``dice_defect_pairs_ungated`` (the same before the presence gate and minimum areas: what the masks themselves are
+worth where there is a defect), ``dice_per_class``, ``presence_auc`` (per class, ROC AUC of the image-level score:
+the presence head's probability, else the best detection score of the class), the tuned thresholds, ``images`` and
+``seconds``.
 """
 
 from __future__ import annotations
@@ -69,23 +71,25 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
     """Predict ``image_ids`` with a trained (and tuned) run and score them against their truth.
 
     Returns:
-        ``dice``, ``all_empty``, ``gain`` (dice - all_empty), ``dice_defect_pairs``, ``defect_pairs``,
-        ``dice_per_class``, ``presence_auc``, ``images``.
+        ``dice``, ``all_empty``, ``gain`` (dice - all_empty), ``dice_defect_pairs``, ``dice_defect_pairs_ungated``,
+        ``defect_pairs``,        ``dice_per_class``, ``presence_auc``, ``images``.
     """
     from severstal.model.evaluation import records_frame
     from severstal.model.predict import Predictor, make_record
 
     predictor = Predictor.from_weights(run)
     thresholds, min_areas = predictor.thresholds
-    records, detections = [], []
+    records, ungated, detections = [], [], []
     for start in range(0, len(image_ids), batch_size):
         batch = [read_image(images.files[i]) for i in image_ids[start : start + batch_size]]
         for det in predictor.detect(batch):
             detections.append(det)
             records.append(make_record(det, thresholds, min_areas, predictor.presence_thresholds,
                                        predictor.pixel_thresholds))
+            ungated.append(make_record(det, thresholds, [0] * len(CLASS_IDS), None, predictor.pixel_thresholds))
     truth = images.masks[images.masks["ImageId"].isin(set(image_ids))]
     table = dice_table(records_frame(list(image_ids), records), truth, image_ids)
+    open_table = dice_table(records_frame(list(image_ids), ungated), truth, image_ids)
     empty = dice_table(truth.iloc[0:0], truth, image_ids)
     present = {(i, int(c)) for i, c in zip(truth["ImageId"], truth["ClassId"])}
     scores = image_scores(detections)
@@ -93,7 +97,8 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
            for k, c in enumerate(CLASS_IDS)}
     dice, all_empty = table["mean_dice"], empty["mean_dice"]
     return {"dice": dice, "all_empty": all_empty, "gain": dice - all_empty,
-            "dice_defect_pairs": table["dice_nonempty"], "defect_pairs": table["nonempty_pairs"],
+            "dice_defect_pairs": table["dice_nonempty"], "dice_defect_pairs_ungated": open_table["dice_nonempty"],
+            "defect_pairs": table["nonempty_pairs"],
             "dice_per_class": {str(c): v for c, v in table["dice_per_class"].items()}, "presence_auc": auc,
             "images": len(image_ids)}
 
@@ -105,6 +110,7 @@ def summarise(folds: list[dict]) -> tuple[dict, dict]:
     for key in ("dice_per_class", "presence_auc"):
         mean[key] = {str(c): float(np.nanmean([f[key][str(c)] for f in folds])) if any(
             np.isfinite(f[key][str(c)]) for f in folds) else float("nan") for c in CLASS_IDS}
+    mean["dice_defect_pairs_ungated"] = float(np.nanmean([f.get("dice_defect_pairs_ungated", np.nan) for f in folds]))
     mean["folds_beating_all_empty"] = sum(f["gain"] > 0 for f in folds)
     return mean, spread
 

@@ -147,10 +147,11 @@ class Thresholds:
 
     @classmethod
     def from_cfg(cls, cfg) -> Thresholds:
-        """The thresholds a Severstal config holds (``cfg.SEVERSTAL``)."""
+        """The thresholds a Severstal config holds (``cfg.SEVERSTAL``); pixel thresholds only with the per-pixel
+        head, the one model they act on."""
         s = cfg.SEVERSTAL
         return cls(tuple(s.SCORE_THRESHOLDS), tuple(s.MIN_AREAS), tuple(s.PRESENCE_THRESHOLDS),
-                   tuple(s.PIXEL_THRESHOLDS))
+                   tuple(s.PIXEL_THRESHOLDS) if s.SEMANTIC_HEAD else None)
 
     @classmethod
     def read(cls, folder: str | Path) -> Thresholds | None:

@@ -43,7 +43,7 @@ import numpy as np
 
 from severstal.data.images import MAX_PIXELS, ImageError, decode_image
 from severstal.files import BACKENDS, WEIGHTS_FILE
-from severstal.model.run import check_per_class
+from severstal.model.run import Thresholds, check_per_class
 from severstal.serve import oip
 
 log = logging.getLogger(__name__)
@@ -488,9 +488,9 @@ class ServingModel:
         bundle = load_bundle(source, device=device)
         settings.apply(bundle.cfg)
         backend = make_backend(settings.backend, bundle.cfg, fp16=settings.fp16)
-        log.info("loaded %s on %s: %s (score thresholds %s, min areas %s, presence thresholds %s, %d threads)",
-                 bundle.weights, device, describe_backend(backend), list(bundle.cfg.SEVERSTAL.SCORE_THRESHOLDS),
-                 list(bundle.cfg.SEVERSTAL.MIN_AREAS), list(bundle.cfg.SEVERSTAL.PRESENCE_THRESHOLDS),
+        log.info("loaded %s on %s: %s (%s, %d threads)", bundle.weights, device, describe_backend(backend),
+                 ", ".join(f"{name.replace('_', ' ')} {values}"
+                           for name, values in Thresholds.from_cfg(bundle.cfg).per_class().items()),
                  torch.get_num_threads())
         return cls(Predictor(bundle.cfg, backend=backend), settings)
 
