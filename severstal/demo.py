@@ -38,7 +38,7 @@ class DemoSettings:
     train_images: int = 300
     holdout_images: int = 100
     config: str = "small"
-    max_iter: int = 500
+    max_iter: int = 650
     seed: int = 0
     served_images: int = 6
     overlay_images: int = 12
