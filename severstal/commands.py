@@ -375,7 +375,8 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for every output of the demo")
     parser.add_argument("--images", type=int, default=defaults.train_images, help="synthetic training images")
-    parser.add_argument("--iterations", type=int, default=defaults.max_iter, help="training iterations")
+    parser.add_argument("--iterations", type=int, default=defaults.max_iter,
+                        help="training iterations (default: the config's SOLVER.MAX_ITER)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"seed of the data, the split and the training (default {defaults.seed})")
     _overrides(parser)

@@ -32,13 +32,14 @@ class DemoSettings:
     ``seed`` makes the data, the split and the training reproducible up to the order in which threads sum
     (Detectron2's ``SEED``). ``bf16_training`` (None: where the CPU computes bf16 natively and there is no GPU)
     runs the backbone in bfloat16 (``SOLVER.AMP.ENABLED`` on a CPU). ``overlay_images``: how many held-out
-    predictions are drawn. ``opts``: overrides of ``config``, as for ``train``.
+    predictions are drawn. ``max_iter`` (None: the config's ``SOLVER.MAX_ITER``, which its ``STEPS`` fit) and
+    ``opts``: overrides of ``config``, as for ``train``.
     """
 
     train_images: int = 300
     holdout_images: int = 100
     config: str = "small"
-    max_iter: int = 650
+    max_iter: int | None = None
     seed: int = 0
     served_images: int = 6
     overlay_images: int = 12
@@ -76,7 +77,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     coco = stage("convert", convert_to_coco, data / TRAIN_CSV, out / "coco", images=data / TRAIN_IMAGES,
                  val_fraction=0.2, seed=s.seed)
     bf16 = s.bf16_training if s.bf16_training is not None else cpu_has_bf16() and not torch.cuda.is_available()
-    opts = ["SOLVER.MAX_ITER", str(s.max_iter), "SEED", str(s.seed), "SOLVER.AMP.ENABLED", str(bf16), *s.opts]
+    iterations = ["SOLVER.MAX_ITER", str(s.max_iter)] if s.max_iter is not None else []
+    opts = [*iterations, "SEED", str(s.seed), "SOLVER.AMP.ENABLED", str(bf16), *s.opts]
     weights = stage("train", train, data, s.config, run, opts, evaluate_after=False)  # evaluate is the next stage
     metrics = stage("evaluate", evaluate, weights, data, tune=True)
     plot_evaluation(metrics, run / "eval")

@@ -95,3 +95,22 @@ def test_demo_takes_a_seed_and_config_overrides(monkeypatch, capsys):
     assert build_parser().parse_args(["demo"]).seed == demo.DemoSettings().seed
     assert main(["demo", "--out", "d", "--iterations", "40", "SEVERSTAL.CROP_WIDTH", "800"]) == 2
     assert (seen[1].max_iter, seen[1].opts) == (40, ["SEVERSTAL.CROP_WIDTH", "800"])
+
+
+@pytest.mark.parametrize("iterations, expected", [(None, None), (40, "40")])
+def test_demo_trains_the_configs_iterations_unless_told(monkeypatch, tmp_path, iterations, expected):
+    """One copy of the count: the config's SOLVER.MAX_ITER, which its STEPS fit; --iterations overrides it."""
+    import severstal.demo as demo
+    import severstal.model.train as train_module
+
+    seen = []
+
+    def stop(data, config, run, opts, **kwargs):
+        seen.append(list(opts))
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(train_module, "train", stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        demo.run_demo(tmp_path, demo.DemoSettings(train_images=4, holdout_images=2, max_iter=iterations))
+    overrides = dict(zip(seen[0][::2], seen[0][1::2]))
+    assert overrides.get("SOLVER.MAX_ITER") == expected and overrides["SEED"] == "0"
