@@ -42,6 +42,8 @@ def test_cv_scores_every_complete_image_once_against_all_empty_and_resumes(real_
         assert 0.0 <= fold["dice_defect_pairs"] <= 1.0 and 0.0 <= fold["dice"] <= 1.0
         # The gate and the minimum areas only empty masks: on a pair with a defect that never raises its Dice.
         assert fold["dice_defect_pairs"] <= fold["dice_defect_pairs_ungated"] <= 1.0
+        # Thresholds tuned on the scored images themselves beat (or tie) any tuned elsewhere on the same grid.
+        assert fold["dice"] <= fold["dice_tuning_ceiling"] + 1e-9 and fold["dice_tuning_ceiling"] >= fold["all_empty"]
         run = out / f"fold{k}" / "run"
         trained_on = json.loads((run / "split.json").read_text())
         assert not set(trained_on["train"] + trained_on["val"]) & held_out[k]  # no leak into training or tuning
@@ -53,6 +55,7 @@ def test_cv_scores_every_complete_image_once_against_all_empty_and_resumes(real_
         assert fold["presence_auc"]["3"] > 0.65
     assert sum(f["defect_pairs"] for f in folds) == 68
     assert report["mean"]["dice"] == pytest.approx(np.mean([f["dice"] for f in folds]))
+    assert "the most tuning could reach" in printed
     assert report["spread"]["dice"] == pytest.approx(np.std([f["dice"] for f in folds]))
 
     def no_training(*args, **kwargs):

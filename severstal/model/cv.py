@@ -10,7 +10,9 @@ never trained on nor scored. Every fold writes ``fold<k>/fold.json`` when it is 
 Output (``cv.json``): ``{"plan": {...}, "folds": [fold results], "mean": {...}, "spread": {...}}``, where a fold
 result holds ``dice``, ``all_empty``, ``dice_defect_pairs`` (Dice on the pairs whose true mask is not empty),
 ``dice_defect_pairs_ungated`` (the same before the presence gate and minimum areas: what the masks themselves are
-worth where there is a defect), ``dice_per_class``, ``presence_auc`` (per class, ROC AUC of the image-level score:
+worth where there is a defect), ``dice_tuning_ceiling`` (the Dice with the thresholds tuned on the held-out images
+themselves: the most that tuning could reach with these masks and this gate, an upper bound), ``dice_per_class``,
+``presence_auc`` (per class, ROC AUC of the image-level score:
 the presence head's probability, else the best detection score of the class), the tuned thresholds, ``images`` and
 ``seconds``.
 """
@@ -72,7 +74,7 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
 
     Returns:
         ``dice``, ``all_empty``, ``gain`` (dice - all_empty), ``dice_defect_pairs``, ``dice_defect_pairs_ungated``,
-        ``defect_pairs``,        ``dice_per_class``, ``presence_auc``, ``images``.
+        ``dice_tuning_ceiling``, ``defect_pairs``, ``dice_per_class``, ``presence_auc``, ``images``.
     """
     from severstal.model.evaluation import records_frame
     from severstal.model.predict import Predictor, make_record
@@ -98,9 +100,23 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
     dice, all_empty = table["mean_dice"], empty["mean_dice"]
     return {"dice": dice, "all_empty": all_empty, "gain": dice - all_empty,
             "dice_defect_pairs": table["dice_nonempty"], "dice_defect_pairs_ungated": open_table["dice_nonempty"],
+            "dice_tuning_ceiling": tuning_ceiling(predictor, detections, truth, image_ids),
             "defect_pairs": table["nonempty_pairs"],
             "dice_per_class": {str(c): v for c, v in table["dice_per_class"].items()}, "presence_auc": auc,
             "images": len(image_ids)}
+
+
+def tuning_ceiling(predictor, detections: Sequence, truth: pd.DataFrame, image_ids: Sequence[str]) -> float:
+    """Mean Dice of ``detections`` with the thresholds (score, minimum area, gate) tuned on these same images: an
+    upper bound of what any tuning could reach with the model's masks and presence scores."""
+    from severstal.model.evaluation import ImageDetections, records_frame, tune_thresholds
+    from severstal.model.predict import make_record
+
+    compact = [ImageDetections.from_detections(i, d) for i, d in zip(image_ids, detections)]
+    tuned = tune_thresholds(compact, truth, score_thresholds=predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS)
+    records = [make_record(d, tuned["score_thresholds"], tuned["min_areas"], tuned["presence_thresholds"],
+                           tuned.get("pixel_thresholds")) for d in detections]
+    return dice_table(records_frame(list(image_ids), records), truth, image_ids)["mean_dice"]
 
 
 def summarise(folds: list[dict]) -> tuple[dict, dict]:
@@ -110,7 +126,8 @@ def summarise(folds: list[dict]) -> tuple[dict, dict]:
     for key in ("dice_per_class", "presence_auc"):
         mean[key] = {str(c): float(np.nanmean([f[key][str(c)] for f in folds])) if any(
             np.isfinite(f[key][str(c)]) for f in folds) else float("nan") for c in CLASS_IDS}
-    mean["dice_defect_pairs_ungated"] = float(np.nanmean([f.get("dice_defect_pairs_ungated", np.nan) for f in folds]))
+    for key in ("dice_defect_pairs_ungated", "dice_tuning_ceiling"):  # absent from folds of older versions
+        mean[key] = float(np.nanmean([f.get(key, np.nan) for f in folds]))
     mean["folds_beating_all_empty"] = sum(f["gain"] > 0 for f in folds)
     return mean, spread
 
