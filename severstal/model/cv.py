@@ -12,9 +12,8 @@ result holds ``dice``, ``all_empty``, ``dice_defect_pairs`` (Dice on the pairs w
 ``dice_defect_pairs_ungated`` (the same before the presence gate and minimum areas: what the masks themselves are
 worth where there is a defect), ``dice_tuning_ceiling`` (the Dice with the thresholds tuned on the held-out images
 themselves: the most that tuning could reach with these masks and this gate, an upper bound), ``dice_per_class``,
-``presence_auc`` (per class, ROC AUC of the image-level score:
-the presence head's probability, else the best detection score of the class), the tuned thresholds, ``images`` and
-``seconds``.
+``presence_auc`` (per class, ROC AUC of the image-level score: the presence head's probability, else the best
+detection score of the class), the tuned thresholds, ``images`` and ``seconds``.
 """
 
 from __future__ import annotations
