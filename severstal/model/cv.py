@@ -97,25 +97,26 @@ def score_fold(run: str | Path, images: LabelledImages, image_ids: Sequence[str]
     auc = {str(c): presence_auc(scores[:, k], np.array([(i, c) in present for i in image_ids]))
            for k, c in enumerate(CLASS_IDS)}
     dice, all_empty = table["mean_dice"], empty["mean_dice"]
+    ceiling = tuning_ceiling(detections, truth, image_ids, predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS)
     return {"dice": dice, "all_empty": all_empty, "gain": dice - all_empty,
             "dice_defect_pairs": table["dice_nonempty"], "dice_defect_pairs_ungated": open_table["dice_nonempty"],
-            "dice_tuning_ceiling": tuning_ceiling(predictor, detections, truth, image_ids),
+            "dice_tuning_ceiling": ceiling,
             "defect_pairs": table["nonempty_pairs"],
             "dice_per_class": {str(c): v for c, v in table["dice_per_class"].items()}, "presence_auc": auc,
             "images": len(image_ids)}
 
 
-def tuning_ceiling(predictor, detections: Sequence, truth: pd.DataFrame, image_ids: Sequence[str]) -> float:
+def tuning_ceiling(detections: Sequence, truth: pd.DataFrame, image_ids: Sequence[str],
+                   score_thresholds: Sequence[float]) -> float:
     """Mean Dice of ``detections`` with the thresholds (score, minimum area, gate) tuned on these same images: an
-    upper bound of what any tuning could reach with the model's masks and presence scores."""
-    from severstal.model.evaluation import ImageDetections, records_frame, tune_thresholds
-    from severstal.model.predict import make_record
+    upper bound of what any tuning could reach with the model's masks and presence scores. ``score_thresholds``
+    are kept for a model with the per-pixel head, where they only choose the instances listed (as ``evaluate``)."""
+    from severstal.model.evaluation import ImageDetections, rescore, tune_thresholds
 
     compact = [ImageDetections.from_detections(i, d) for i, d in zip(image_ids, detections)]
-    tuned = tune_thresholds(compact, truth, score_thresholds=predictor.cfg.SEVERSTAL.SCORE_THRESHOLDS)
-    records = [make_record(d, tuned["score_thresholds"], tuned["min_areas"], tuned["presence_thresholds"],
-                           tuned.get("pixel_thresholds")) for d in detections]
-    return dice_table(records_frame(list(image_ids), records), truth, image_ids)["mean_dice"]
+    tuned = tune_thresholds(compact, truth, score_thresholds=score_thresholds)
+    return rescore(compact, truth, tuned["score_thresholds"], tuned["min_areas"], tuned["presence_thresholds"],
+                   tuned.get("pixel_thresholds"))["mean_dice"]
 
 
 def summarise(folds: list[dict]) -> tuple[dict, dict]:

@@ -164,10 +164,16 @@ class DiceEvaluator(DatasetEvaluator):
     def rescore(self, score_thresholds, min_areas, truth: pd.DataFrame, presence_thresholds=None,
                 pixel_thresholds=None) -> dict:
         """The Dice table of the stored detections under other thresholds (after :meth:`evaluate`)."""
-        ids = [d.image_id for d in self.detections]
-        records = [make_record(d.to_detections(), score_thresholds, min_areas, presence_thresholds, pixel_thresholds)
-                   for d in self.detections]
-        return dice_table(records_frame(ids, records), truth, ids)
+        return rescore(self.detections, truth, score_thresholds, min_areas, presence_thresholds, pixel_thresholds)
+
+
+def rescore(detections: list[ImageDetections], truth: pd.DataFrame, score_thresholds, min_areas,
+            presence_thresholds=None, pixel_thresholds=None) -> dict:
+    """The Dice table (``dice_table``) of these detections' records under the given thresholds."""
+    ids = [d.image_id for d in detections]
+    records = [make_record(d.to_detections(), score_thresholds, min_areas, presence_thresholds, pixel_thresholds)
+               for d in detections]
+    return dice_table(records_frame(ids, records), truth, ids)
 
 
 def tune_thresholds(detections: list[ImageDetections], truth: pd.DataFrame, shape=(256, 1600),
