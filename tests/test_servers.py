@@ -135,8 +135,8 @@ def test_bench_serve_against_the_server(server, real_data, small_run):
     from severstal.bench.serve import bench_serve
 
     r = bench_serve(server.predictions_url(), real_data / "train_images", concurrency=2, requests=5,
-                    weights=small_run)
-    assert r["errors"] == 0 and r["requests"] == 5
+                    weights=small_run, warmup=3)
+    assert r["errors"] == 0 and r["requests"] == 5 and r["warmup"] == 3
     served = {"torchserve": "TorchServe", "ray": "Ray Serve"}[server.engine]  # named from GET /v2
     assert [row["method"] for row in r["rows"]] == [served, "bare Predictor.predict"]
     for row in r["rows"]:
@@ -144,7 +144,7 @@ def test_bench_serve_against_the_server(server, real_data, small_run):
     assert r["overhead"] > 0 and r["throughput_ratio"] > 0
     # The benchmarks switch to the Open Inference Protocol with the URL alone.
     infer_url = serve_client.model_url(server.inference_url, protocol="oip")
-    r = bench_serve(infer_url, real_data / "train_images", concurrency=2, requests=3)
+    r = bench_serve(infer_url, real_data / "train_images", concurrency=2, requests=3, warmup=1)
     assert r["errors"] == 0 and r["rows"][0]["method"] == served
 
 

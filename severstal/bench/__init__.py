@@ -22,6 +22,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+WARMUP_REQUESTS = 200
+"""Untimed requests before the timed ones of ``bench serve``. TorchServe's Java frontend compiles its request path
+over the first few hundred requests: the frontend's p50 (its access log) of the demo's model on 2 cores was 70, 65 and
+58 ms over the first, second and third 200 requests of a fresh server, then flat (docs/serving.md)."""
+
 
 def median_seconds(func: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Median wall time of ``repeats`` calls, and the result of the last one."""

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from severstal.bench import WARMUP_REQUESTS
+
 
 class Table(NamedTuple):
     """Rows and ``(key, format_spec)`` columns, as :func:`severstal.bench.format_table` takes them."""
@@ -102,6 +104,8 @@ def _server_load_arguments(parser: argparse.ArgumentParser, url_help: str, concu
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _server_load_arguments(parser, "predictions URL", concurrency=4)
     parser.add_argument("--requests", type=int, default=100, help="timed requests in all")
+    parser.add_argument("--warmup", type=int, default=WARMUP_REQUESTS,
+                        help=f"untimed requests first: the frontend's JIT warms up (default {WARMUP_REQUESTS})")
     parser.add_argument("--weights", type=Path,
                         help="weights or run folder: also time the bare model on the same images")
 
@@ -111,11 +115,12 @@ def _serve(args: argparse.Namespace) -> dict:
     from severstal.serve.client import bearer_headers
 
     return bench_serve(args.url, args.images, concurrency=args.concurrency, requests=args.requests,
-                       weights=args.weights, headers=bearer_headers(args.token))
+                       weights=args.weights, headers=bearer_headers(args.token), warmup=args.warmup)
 
 
 def _serve_report(r: dict) -> Report:
-    report = [f"serve: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']}",
+    report = [f"serve: {r['requests']} requests of {r['images']} images from {r['concurrency']} clients to {r['url']}, "
+              f"after {r['warmup']} untimed",
               Table(r["rows"], [("method", ""), *LATENCY, ("images_per_s", ".2f")])]
     if r["overhead"] is not None:
         report.append(f"serving overhead: p50 {r['overhead']:.2f}x bare (meaningful at --concurrency 1); "

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from severstal.bench import latency_stats
+from severstal.bench import WARMUP_REQUESTS, latency_stats
 from severstal.data.annotations import list_images
 from severstal.data.images import decode_image
 from severstal.serve.client import PredictionError, post_image
@@ -45,18 +45,19 @@ def server_label(url: str, timeout: float = 10.0) -> str:
 
 def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests: int = 100,
                 weights: str | Path | None = None, headers: dict | None = None, timeout: float = 300.0,
-                rounds: int = 5, label: str | None = None) -> dict:
+                rounds: int = 5, label: str | None = None, warmup: int = WARMUP_REQUESTS) -> dict:
     """Load a running server with real images and time the bare model on the same images.
 
-    The server side posts ``requests`` images (cycling through the folder) from ``concurrency`` clients
-    after one untimed warm-up request; a request counts as an error unless it answers 200 with the REST
-    contract's keys. The bare side is ``decode_image`` + ``Predictor.predict([image])``, one image at a
-    time: the handler's work minus serving. The two sides alternate in ``rounds`` (served part, then bare
-    part, with the server idle), so both see the same load from other processes on a shared machine.
-    ``overhead`` (served p50 / bare p50) measures serving at ``concurrency`` 1; with more clients the
-    latency includes queueing and ``throughput_ratio`` (served images/s / bare images/s) is the number to read.
-    The server's workers run with ``OMP_WAIT_POLICY=PASSIVE`` (``severstal.serve.server.WORKER_ENV``); for a
-    like-for-like bare side set it in the benchmark's environment too (the result records it).
+    The server side posts ``requests`` images (cycling through the folder) from ``concurrency`` clients after
+    ``warmup`` untimed ones from one client (:data:`severstal.bench.WARMUP_REQUESTS`); a request counts as an error
+    unless it answers 200 with the REST contract's keys. The bare side is ``decode_image`` +
+    ``Predictor.predict([image])``, one image at a time: the handler's work minus serving. The two sides alternate
+    in ``rounds`` (served part, then bare part, with the server idle), so both see the same load from other
+    processes on a shared machine. ``overhead`` (served p50 / bare p50) measures serving at ``concurrency`` 1; with
+    more clients the latency includes queueing and ``throughput_ratio`` (served images/s / bare images/s) is the
+    number to read. The server's workers run with ``OMP_WAIT_POLICY=PASSIVE``
+    (``severstal.serve.server.WORKER_ENV``); for a like-for-like bare side set it in the benchmark's environment too
+    (the result records it).
 
     Args:
         url: the model URL, e.g. ``http://127.0.0.1:8080/predictions/severstal`` or, for the Open Inference
@@ -69,9 +70,10 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         timeout: seconds per request.
         rounds: served/bare alternations.
         label: the served row's name; None: :func:`server_label`.
+        warmup: untimed requests first, one client (at least 1).
 
     Returns:
-        ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "errors", "error_statuses",
+        ``{"benchmark": "serve", "url", "images", "concurrency", "requests", "warmup", "errors", "error_statuses",
         "rows": [served row, bare row (with weights)], "overhead", "throughput_ratio", "load_average",
         "omp_wait_policy"}`` (``load_average``: 1, 5 and 15 minutes at the end, as ``uptime`` shows it); a row is
         ``{"method", "p50", "p95", "p99", "mean", "images_per_s"}`` (seconds, images per second).
@@ -81,8 +83,9 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
     paths = [Path(images_dir) / name for name in list_images(images_dir)[:requests]]
     if not paths:
         raise FileNotFoundError(f"no images in {images_dir}")
-    if concurrency < 1 or requests < 1 or rounds < 1:
-        raise ValueError(f"concurrency, requests and rounds must be >= 1, got {concurrency}, {requests}, {rounds}")
+    if min(concurrency, requests, rounds, warmup) < 1:
+        raise ValueError(f"concurrency, requests, rounds and warmup must be >= 1, got {concurrency}, {requests}, "
+                         f"{rounds}, {warmup}")
     bodies = [p.read_bytes() for p in paths]
     local = threading.local()
 
@@ -105,7 +108,8 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
 
         predictor = Predictor.from_weights(weights)
         predictor.predict([decode_image(bodies[0])])
-    post(0)
+    for index in range(warmup):
+        post(index)
     results, served_wall, bare_seconds = [], 0.0, []
     bounds = np.linspace(0, requests, min(rounds, requests) + 1).astype(int)
     with ThreadPoolExecutor(concurrency) as pool:
@@ -133,6 +137,7 @@ def bench_serve(url: str, images_dir: str | Path, concurrency: int = 4, requests
         "images": len(paths),
         "concurrency": concurrency,
         "requests": requests,
+        "warmup": warmup,
         "errors": requests - statuses.get("200", 0),
         "error_statuses": {s: n for s, n in statuses.items() if s != "200"},
         "rows": rows,
